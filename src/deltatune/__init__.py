@@ -1,0 +1,81 @@
+"""deltatune: parameter-efficient fine-tuning ("delta tuning") for PyTorch models.
+
+    import deltatune as dt
+
+    model = dt.inject(model, dt.LoraConfig(rank=8, alpha=16, targets=["q_proj", "v_proj"]),
+                      name="sst2")
+    dt.summary(model)
+    dt.save(model, "out/sst2", name="sst2")
+"""
+
+__version__ = "0.1.0"
+
+# Load (and so register) every method first: importing the `methods` subpackage binds the name
+# `methods` in this namespace, and the function `methods()` imported below must win.
+from . import methods as _methods_package  # noqa: F401
+from .core.accounting import Cost, Summary, cost, summary
+from .core.config import DeltaConfig, config_from_dict
+from .core.delta import Delta
+from .core.errors import (
+    AdapterFileError,
+    AdapterNameError,
+    ConfigError,
+    DeltaError,
+    MergeError,
+    ShapeMismatchError,
+    StateError,
+    TargetError,
+)
+from .core.inject import inject
+from .core.lifecycle import (
+    activate,
+    active_adapters,
+    adapters,
+    delete,
+    disabled,
+    merge,
+    merged_adapters,
+    unload,
+    unmerge,
+)
+from .core.registry import get_method, methods, register
+from .core.state import load, save
+from .core.structures import StructureMap, register_structure
+from .methods import LoraConfig
+
+__all__ = [
+    "AdapterFileError",
+    "AdapterNameError",
+    "ConfigError",
+    "Cost",
+    "Delta",
+    "DeltaConfig",
+    "DeltaError",
+    "LoraConfig",
+    "MergeError",
+    "ShapeMismatchError",
+    "StateError",
+    "StructureMap",
+    "Summary",
+    "TargetError",
+    "__version__",
+    "activate",
+    "active_adapters",
+    "adapters",
+    "config_from_dict",
+    "cost",
+    "delete",
+    "disabled",
+    "get_method",
+    "inject",
+    "load",
+    "merge",
+    "merged_adapters",
+    "methods",
+    "register",
+    "register_structure",
+    "save",
+    "summary",
+    "unload",
+    "unmerge",
+]

@@ -1,0 +1,2 @@
+"""The machinery written once for every method: configs, registry, targeting, injection,
+lifecycle, state and accounting. Imports only torch (and safetensors)."""

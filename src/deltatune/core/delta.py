@@ -1,0 +1,132 @@
+"""``Delta``: one named delta applied to one base layer — the unit every method implements.
+
+In the unified view a delta modifies a hidden state of the frozen model. A ``Delta`` sees the
+layer's input ``x`` and output ``y`` and returns the modified output (``forward``); a delta at
+the input position also rewrites the input first (``pre``). Mergeable deltas say how they fold
+into the base layer's parameters; the machinery that merges (fp32 math, NaN checks, dtype
+casts, ordering, unmerge) is written once in ``lifecycle``.
+
+Subclasses declare their capabilities as class attributes, which the core and the contract
+test-suite read instead of special-casing methods by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from .geometry import LayerInfo
+
+if TYPE_CHECKING:
+    from .config import DeltaConfig
+
+Params = dict[str, "Tensor | None"]
+
+
+class Delta(nn.Module):
+    """One named delta on one base layer.
+
+    Args:
+        info: geometry of the base layer.
+        config: the method's config, with per-module overrides already applied.
+        path: the base layer's module name in the model (stable across injection).
+    """
+
+    # Set by @register.
+    method: ClassVar[str] = ""
+    config_class: ClassVar[type[DeltaConfig]]
+
+    #: Targets used when the config's ``targets`` is None.
+    default_targets: ClassVar[Sequence[str] | str] = "all-linear"
+    #: Layer kinds (see ``LayerInfo.kind``) this method can adapt.
+    layer_kinds: ClassVar[frozenset[str]] = frozenset({"linear"})
+    #: Whether the delta can be folded into the base parameters exactly.
+    mergeable: ClassVar[bool] = False
+    #: Whether a freshly injected delta leaves the model's output unchanged.
+    identity_at_init: ClassVar[bool] = True
+    #: How two deltas of this method on one layer combine: "add" (effects sum) or "scale"
+    #: (effects multiply).
+    composition: ClassVar[str] = "add"
+    #: Whether ``pre`` rewrites the layer input (input-position methods).
+    transforms_input: ClassVar[bool] = False
+    #: Relative error ‖a − b‖ / ‖b‖ allowed between merged and unmerged outputs (and for
+    #: unmerge round trips), per dtype.
+    tolerance: ClassVar[Mapping[torch.dtype, float]] = {
+        torch.float32: 1e-5,
+        torch.bfloat16: 2e-2,
+        torch.float16: 4e-3,
+    }
+
+    def __init__(self, info: LayerInfo, config: DeltaConfig, path: str) -> None:
+        super().__init__()
+        self.info = info
+        self.config = config
+        self.path = path
+        #: The whole config the delta was injected with (set by ``inject``; saved with it).
+        self.adapter_config: DeltaConfig = config
+
+    # ------------------------------------------------------------------------- to implement
+    def reset_parameters(self, base: nn.Module) -> None:
+        """Initialise parameters (may read the base layer's weights). Skipped on ``meta``."""
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        """The layer output with this delta applied, given the layer input and base output."""
+        return y
+
+    def pre(self, x: Tensor) -> Tensor:
+        """The layer input with this delta applied (only if ``transforms_input``)."""
+        return x
+
+    def delta_params(self) -> Params:
+        """Additive form ``{param_name: Δ}`` of a mergeable delta, in the native layout (fp32).
+
+        The default ``merged_params`` / ``unmerged_params`` add and subtract these. Methods
+        whose merge is not additive override those two instead.
+        """
+        raise NotImplementedError(f"{type(self).__name__} is not mergeable")
+
+    def merged_params(self, params: Params) -> Params:
+        """New base parameter values after folding this delta into ``params`` (fp32 in/out).
+
+        Only the returned keys change; a key whose base value is ``None`` (e.g. a missing
+        bias) is created.
+        """
+        out: Params = {}
+        for key, delta in self.delta_params().items():
+            if delta is not None:
+                out[key] = delta if params.get(key) is None else params[key] + delta
+        return out
+
+    def unmerged_params(self, params: Params) -> Params:
+        """Inverse of ``merged_params``: the parameters before this delta was folded in."""
+        return {key: params[key] - delta for key, delta in self.delta_params().items()
+                if delta is not None}
+
+    @classmethod
+    def num_trainable(cls, info: LayerInfo, config: DeltaConfig) -> int:
+        """The method's own formula for its trainable parameter count on one layer."""
+        raise NotImplementedError
+
+    # --------------------------------------------------------------------------- state
+    def state_tensors(self) -> dict[str, Tensor]:
+        """Tensors to save, by local name (default: parameters and persistent buffers)."""
+        return dict(self.state_dict(keep_vars=True))
+
+    def load_state_tensors(self, tensors: Mapping[str, Tensor]) -> None:
+        """Copy saved tensors in (the keys were already checked against ``state_tensors``)."""
+        own = self.state_tensors()
+        with torch.no_grad():
+            for key, value in tensors.items():
+                own[key].copy_(value)
+
+    # --------------------------------------------------------------------------- helpers
+    @staticmethod
+    def cast(t: Tensor, like: Tensor) -> Tensor:
+        """``t`` in ``like``'s dtype: adapter weights follow activations, never the reverse."""
+        return t if t.dtype == like.dtype or not like.is_floating_point() else t.to(like.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.method}: {self.path}"

@@ -1,0 +1,158 @@
+"""The geometry of a base layer seen as a matrix ``(out_dim, in_dim)``.
+
+Every weight-shaped method (LoRA and its variants, DoRA, VeRA, sparse deltas …) needs the same
+three things from a layer, whatever its type: its weight as a matrix, a way to push an input
+through a ``(k, in_dim)`` matrix with the layer's own geometry (a linear map, a convolution with
+the layer's kernel/stride/padding, an embedding lookup), and a pointwise ``(out_dim, k)`` channel
+map added to the output. ``LayerInfo`` provides them for
+
+* ``linear``: ``nn.Linear`` and Hugging Face's ``Conv1D`` (weight stored transposed),
+* ``conv``: ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d`` (``groups=1``),
+* ``embedding``: ``nn.Embedding`` (one-hot input: ``in_dim`` is the vocabulary size).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import TargetError
+
+_CONV_FNS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def is_hf_conv1d(module: nn.Module) -> bool:
+    """Hugging Face's ``Conv1D`` (GPT-2): a linear layer whose weight is stored ``(in, out)``."""
+    cls = type(module)
+    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """Shape and geometry of one adaptable base layer."""
+
+    kind: str  # "linear" | "conv" | "embedding"
+    in_dim: int  # fan-in of the matrix form
+    out_dim: int  # output features / channels / embedding size
+    transposed: bool = False  # weight stored (in, out) — HF Conv1D
+    kernel_size: tuple[int, ...] = ()
+    stride: tuple[int, ...] = ()
+    padding: tuple[int, ...] | str = ()
+    dilation: tuple[int, ...] = ()
+    padding_mode: str = "zeros"
+    pad_for_mode: tuple[int, ...] = ()  # explicit F.pad amounts when padding_mode != "zeros"
+    padding_idx: int | None = None
+    type_name: str = ""
+
+    # ----------------------------------------------------------------------- weight forms
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        """Shape of the base layer's native weight."""
+        if self.kind == "linear":
+            return (self.in_dim, self.out_dim) if self.transposed else (self.out_dim, self.in_dim)
+        if self.kind == "embedding":
+            return (self.in_dim, self.out_dim)
+        in_ch = self.in_dim // math.prod(self.kernel_size)
+        return (self.out_dim, in_ch, *self.kernel_size)
+
+    def weight_matrix(self, weight: Tensor) -> Tensor:
+        """The native weight as an ``(out_dim, in_dim)`` matrix (a view where possible)."""
+        if self.kind == "linear":
+            return weight.t() if self.transposed else weight
+        if self.kind == "embedding":
+            return weight.t()
+        return weight.reshape(self.out_dim, self.in_dim)
+
+    def weight_from_matrix(self, matrix: Tensor) -> Tensor:
+        """An ``(out_dim, in_dim)`` matrix in the base layer's native weight layout."""
+        if self.kind == "linear":
+            return matrix.t() if self.transposed else matrix
+        if self.kind == "embedding":
+            return matrix.t()
+        return matrix.reshape(self.weight_shape)
+
+    def channel_shape(self, ndim: int) -> tuple[int, ...]:
+        """Shape that broadcasts a per-output-channel vector against an output of ``ndim`` dims."""
+        if self.kind == "conv":
+            return (self.out_dim,) + (1,) * (ndim - 2)
+        return (self.out_dim,)
+
+    # ----------------------------------------------------------------------- computation
+    def apply_in(self, x: Tensor, matrix: Tensor) -> Tensor:
+        """Push the layer input through a ``(k, in_dim)`` matrix with the layer's geometry.
+
+        Returns ``(..., k)`` for linear/embedding inputs, ``(N, k, *spatial_out)`` for convs.
+        """
+        if self.kind == "linear":
+            return F.linear(x, matrix)
+        if self.kind == "embedding":
+            return F.embedding(x, matrix.t(), padding_idx=self.padding_idx)
+        kernel = matrix.reshape(matrix.shape[0], -1, *self.kernel_size)  # (k, in_ch, *kernel)
+        padding = self.padding
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self.pad_for_mode, mode=self.padding_mode)
+            padding = 0
+        return _CONV_FNS[len(self.kernel_size)](
+            x, kernel, None, self.stride, padding, self.dilation
+        )
+
+    def apply_out(self, h: Tensor, matrix: Tensor) -> Tensor:
+        """Apply an ``(out_dim, k)`` channel map to ``h`` from ``apply_in``."""
+        if self.kind == "conv":
+            # (N, k, *spatial) -> (N, out, *spatial): a 1x1 convolution
+            dims = len(self.kernel_size)
+            return _CONV_FNS[dims](h, matrix.reshape(*matrix.shape, *(1,) * dims))
+        return F.linear(h, matrix)
+
+    def add_out(self, y: Tensor, h: Tensor, matrix: Tensor, scale: float) -> Tensor:
+        """``y + scale * apply_out(h, matrix)``, the add fused into the GEMM where possible."""
+        if self.kind != "conv" and y.is_contiguous() and h.shape[:-1] == y.shape[:-1]:
+            out = torch.addmm(
+                y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), matrix.t(), alpha=scale
+            )
+            return out.view(y.shape)
+        return torch.add(y, self.apply_out(h, matrix), alpha=scale)
+
+
+def layer_info(module: nn.Module) -> LayerInfo | None:
+    """Describe ``module`` if it is a layer type deltatune can adapt, else ``None``.
+
+    Raises:
+        TargetError: a convolution with ``groups > 1`` or a transposed convolution (these
+            are recognised but not supported yet).
+    """
+    name = type(module).__name__
+    if isinstance(module, nn.Linear):
+        return LayerInfo("linear", module.in_features, module.out_features, type_name=name)
+    if is_hf_conv1d(module):
+        in_dim, out_dim = module.weight.shape
+        return LayerInfo("linear", in_dim, out_dim, transposed=True, type_name=name)
+    if isinstance(module, nn.Embedding):
+        return LayerInfo("embedding", module.num_embeddings, module.embedding_dim,
+                         padding_idx=module.padding_idx, type_name=name)
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        if module.groups != 1:
+            raise TargetError(f"{name} with groups={module.groups} is not supported yet; "
+                              "exclude it (exclude=[...]) or target other layers")
+        return LayerInfo(
+            "conv",
+            module.in_channels * math.prod(module.kernel_size),
+            module.out_channels,
+            kernel_size=tuple(module.kernel_size),
+            stride=tuple(module.stride),
+            padding=module.padding if isinstance(module.padding, str) else tuple(module.padding),
+            dilation=tuple(module.dilation),
+            padding_mode=module.padding_mode,
+            pad_for_mode=tuple(module._reversed_padding_repeated_twice),
+            type_name=name,
+        )
+    return None
+
+
+def base_params(module: nn.Module) -> dict[str, Tensor | None]:
+    """The base layer's own ``weight`` and ``bias`` (``None`` where absent)."""
+    return {"weight": getattr(module, "weight", None), "bias": getattr(module, "bias", None)}

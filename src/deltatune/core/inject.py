@@ -1,0 +1,146 @@
+"""``inject``: place a named delta into an unmodified model."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from .config import DeltaConfig
+from .delta import Delta
+from .errors import AdapterNameError, ConfigError, TargetError
+from .geometry import LayerInfo
+from .layers import DeltaLayer
+from .lifecycle import activate, active_adapters, adapters, delta_layers
+from .registry import get_method
+from .targeting import Matcher, module_config, resolve_targets, walk
+
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]{0,127}")
+_RESERVED = frozenset(dir(nn.ModuleDict())) | {"__base__"}
+
+
+def check_name(name: str) -> str:
+    """Validate an adapter name (it becomes a directory name and a module key).
+
+    Raises:
+        AdapterNameError: empty, too long, a reserved word, or characters outside
+            ``[A-Za-z0-9_-]`` (no path separators, no dots).
+    """
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or name in _RESERVED:
+        raise AdapterNameError(
+            f"invalid adapter name {name!r}: use 1-128 letters, digits, '_' or '-' (not "
+            "starting with '-'; no dots or path separators, since names become directory "
+            "names), and not a reserved word")
+    return name
+
+
+def inject(
+    model: nn.Module,
+    config: DeltaConfig,
+    name: str = "default",
+    *,
+    trainable: bool = True,
+) -> nn.Module:
+    """Add a named delta to ``model`` in place and make it active; the base is frozen.
+
+    Args:
+        model: any ``nn.Module`` container (a Hugging Face model or plain torch).
+        config: a registered method's config, e.g. ``LoraConfig(rank=8)``.
+        name: the delta's name (see ``check_name``).
+        trainable: whether the new delta's parameters require grad.
+
+    Returns:
+        ``model`` itself, with every base parameter frozen, the new delta active alongside
+        the deltas already active, and other deltas' trainability unchanged.
+
+    Raises:
+        AdapterNameError: invalid or taken name.
+        ConfigError: the config's method is not registered.
+        TargetError: targets match nothing the method can adapt.
+    """
+    spec = get_method(config.method) if config.method else None
+    if spec is None or not isinstance(config, spec.config_class):
+        raise ConfigError(f"{type(config).__name__} is not a registered method's config")
+    targets = resolve_targets(model, config, spec.delta_class.layer_kinds,
+                              spec.delta_class.default_targets, spec.name)
+    return attach(model, config, name, targets, trainable=trainable, init=True)
+
+
+def attach(
+    model: nn.Module,
+    config: DeltaConfig,
+    name: str,
+    targets: Mapping[str, LayerInfo],
+    *,
+    trainable: bool,
+    init: bool,
+) -> nn.Module:
+    """Build one delta per target module and wrap the modules (shared by inject and load).
+
+    Every delta is built before the model is touched, so a failure leaves it unchanged.
+    """
+    check_name(name)
+    if name in adapters(model):
+        raise AdapterNameError(f"an adapter named {name!r} already exists; pick another name "
+                               "or delete it first with deltatune.delete(model, name)")
+    cls: type[Delta] = get_method(config.method).delta_class
+    matcher = Matcher(model)
+    built = []
+    for path, info in targets.items():
+        base = matcher.modules[path]
+        built.append((path, info, build_delta(cls, base, info,
+                                              module_config(matcher, config, path), path,
+                                              init=init)))
+    layers = delta_layers(model)
+    for path, info, delta in built:
+        delta.adapter_config = config
+        layer = layers.get(path)
+        if layer is None:
+            layer = DeltaLayer(matcher.modules[path], info)
+            for alias in matcher.aliases[path]:
+                set_module(model, alias, layer)
+        layer.add(name, delta)
+        delta.requires_grad_(trainable)
+    _freeze_base(model)
+    activate(model, [*active_adapters(model), name])
+    return model
+
+
+def build_delta(cls: type[Delta], base: nn.Module, info: LayerInfo, config: DeltaConfig,
+                path: str, *, init: bool = True, device: torch.device | str | None = None) -> Delta:
+    """One delta for ``base``, on its device (or ``device``) and in the config's dtype.
+
+    Parameters are created and initialised in fp32 (the same random stream whatever the final
+    dtype), then cast. On the ``meta`` device nothing is initialised (used by ``cost``).
+    """
+    weight = next(base.parameters(), None)
+    if weight is None:
+        raise TargetError(f"{path!r} has no parameters to take a device and dtype from")
+    dtype = getattr(torch, config.dtype) if config.dtype else weight.dtype
+    if not dtype.is_floating_point:
+        raise ConfigError(f"{path!r} has {weight.dtype} weights; set dtype= in the config "
+                          "to choose the delta's floating-point dtype")
+    device = torch.device(device) if device is not None else weight.device
+    with torch.device(device):
+        delta = cls(info, config, path)
+    if init and device.type != "meta":
+        delta.reset_parameters(base)
+    return delta.to(dtype=dtype)
+
+
+def _freeze_base(model: nn.Module) -> None:
+    own = {id(p) for layer in delta_layers(model).values() for p in layer.deltas.parameters()}
+    for p in model.parameters():
+        if id(p) not in own:
+            p.requires_grad_(False)
+
+
+def set_module(model: nn.Module, path: str, new: nn.Module) -> None:
+    """Replace the module at logical ``path`` (seeing through wrappers) with ``new``."""
+    parent_path, _, attr = path.rpartition(".")
+    parent = dict(walk(model))[parent_path]
+    if isinstance(parent, DeltaLayer):
+        parent = parent.base_layer
+    setattr(parent, attr, new)

@@ -1,0 +1,313 @@
+"""The life of named deltas on a model: activate, disable, delete, merge, unmerge, unload.
+
+All state lives in the model's ``DeltaLayer`` wrappers; these functions read it from the tree,
+so there is no second registry to fall out of sync.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .config import DeltaConfig
+from .delta import Delta, Params
+from .errors import AdapterNameError, MergeError, StateError
+from .layers import DeltaLayer
+
+
+def delta_layers(model: nn.Module) -> dict[str, DeltaLayer]:
+    """``{logical module name: DeltaLayer}`` for every wrapped layer, in model order."""
+    from .targeting import walk
+
+    out: dict[str, DeltaLayer] = {}
+    seen: set[int] = set()
+    for name, module in walk(model):
+        if isinstance(module, DeltaLayer) and id(module) not in seen:
+            seen.add(id(module))
+            out[name] = module
+    return out
+
+
+def adapters(model: nn.Module) -> dict[str, DeltaConfig]:
+    """``{name: config}`` of every delta in ``model``, in order of first appearance."""
+    out: dict[str, DeltaConfig] = {}
+    for layer in delta_layers(model).values():
+        for name, delta in layer.deltas.items():
+            out.setdefault(name, delta.adapter_config)
+    return out
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    """Names of the active deltas, in activation order."""
+    out: list[str] = []
+    for layer in delta_layers(model).values():
+        out.extend(n for n in layer.active if n not in out)
+    return out
+
+
+def merged_adapters(model: nn.Module) -> list[str]:
+    """Names of the deltas folded into the base weights (on at least one layer)."""
+    out: list[str] = []
+    for layer in delta_layers(model).values():
+        out.extend(n for n in layer.merged if n not in out)
+    return out
+
+
+def _names(model: nn.Module, names: str | Iterable[str] | None, default: list[str]) -> list[str]:
+    if names is None:
+        return default
+    names = [names] if isinstance(names, str) else list(names)
+    known = adapters(model)
+    for name in names:
+        if name not in known:
+            raise AdapterNameError(f"no adapter named {name!r}; the model has {list(known)}")
+    return names
+
+
+def activate(model: nn.Module, names: str | Sequence[str]) -> None:
+    """Make exactly ``names`` active, in that order (an empty list deactivates all).
+
+    Raises:
+        AdapterNameError: an unknown name.
+        StateError: a merged delta would be deactivated (its effect is in the weights).
+    """
+    names = _names(model, names, [])
+    if len(set(names)) != len(names):
+        raise AdapterNameError(f"duplicate names in {names}")
+    dropped = [n for n in merged_adapters(model) if n not in names]
+    if dropped:
+        raise StateError(f"{dropped} are merged into the base weights and cannot be "
+                         "deactivated; unmerge them first (deltatune.unmerge)")
+    for layer in delta_layers(model).values():
+        layer.set_active(names)
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Context in which ``model`` behaves as its base model (every delta bypassed).
+
+    Raises:
+        StateError: some deltas are merged; their effect cannot be bypassed without
+            unmerging, which must be asked for explicitly.
+    """
+    merged = merged_adapters(model)
+    if merged:
+        raise StateError(f"{merged} are merged into the base weights; call "
+                         "deltatune.unmerge(model) before using disabled()")
+    layers = list(delta_layers(model).values())
+    before = [layer.disabled for layer in layers]
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer, flag in zip(layers, before, strict=True):
+            layer.disabled = flag
+
+
+def delete(model: nn.Module, name: str) -> None:
+    """Remove the delta ``name``; layers left without deltas are unwrapped.
+
+    Raises:
+        AdapterNameError: unknown name.
+        StateError: the delta is merged (unmerge it, or ``unload(merge=True)`` to keep it).
+    """
+    _names(model, name, [])
+    if name in merged_adapters(model):
+        raise StateError(f"{name!r} is merged into the base weights; unmerge it first, or use "
+                         "deltatune.unload(model, merge=True) to keep it in the weights")
+    for path, layer in delta_layers(model).items():
+        if name in layer.deltas:
+            layer.remove(name)
+            if not layer.deltas:
+                _unwrap(model, path, layer)
+
+
+def merge(model: nn.Module, names: str | Iterable[str] | None = None, *,
+          safe: bool = True) -> None:
+    """Fold deltas into the base weights (default: every active, unmerged delta).
+
+    Merging a delta twice is a no-op. With ``safe=True`` every merged weight is computed and
+    checked for NaN/Inf before any weight is written, so a failure leaves the model untouched.
+
+    Raises:
+        AdapterNameError: an unknown name.
+        StateError: a named delta is not active.
+        MergeError: a method is not mergeable, a weight is tied to another module, or (safe
+            mode) the result is not finite.
+    """
+    names = _names(model, names, active_adapters(model))
+    active = active_adapters(model)
+    inactive = [n for n in names if n not in active]
+    if inactive:
+        raise StateError(f"{inactive} are not active; activate them before merging")
+    todo = _merge_plan(model, names)
+    if safe:
+        for path, layer, deltas in todo:
+            _fold(path, layer, deltas, write=False)
+    for path, layer, deltas in todo:
+        _fold(path, layer, deltas, write=True)
+
+
+def unmerge(model: nn.Module, names: str | Iterable[str] | None = None) -> None:
+    """Restore the base weights from merged deltas (default: all merged deltas).
+
+    Every restored weight is computed and checked before any is written.
+
+    Raises:
+        AdapterNameError: an unknown name.
+        MergeError: a non-additive delta merged after one of ``names`` stays merged (unmerge
+            it too), or the restored weights are not finite.
+    """
+    names = _names(model, names, merged_adapters(model))
+    todo = []
+    for path, layer in delta_layers(model).items():
+        targets = [n for n in layer.merged if n in names]
+        if not targets:
+            continue
+        kept_after = [n for n in layer.merged[layer.merged.index(targets[0]):]
+                      if n not in names]
+        if kept_after and not all(_additive(layer.deltas[n]) for n in [*targets, *kept_after]):
+            raise MergeError(f"{path}: {kept_after} were merged after {targets} and do not "
+                             "commute with them; unmerge them too")
+        todo.append((path, layer, targets))
+    for write in (False, True):
+        for path, layer, targets in todo:
+            _unfold(path, layer, targets, write=write)
+
+
+def unload(model: nn.Module, *, merge: bool = False, safe: bool = True) -> nn.Module:
+    """Remove every wrapper and return a plain model.
+
+    Args:
+        model: the model with deltas.
+        merge: fold the active deltas into the weights first (inactive ones are dropped);
+            otherwise merged deltas are unmerged, giving back the base model.
+        safe: as in ``merge``.
+
+    Returns:
+        ``model``, holding no deltatune modules.
+    """
+    if merge:
+        pending = [n for n in active_adapters(model) if n not in merged_adapters(model)]
+        if pending:
+            _merge(model, pending, safe=safe)
+    elif merged_adapters(model):
+        unmerge(model)
+    for path, layer in delta_layers(model).items():
+        _unwrap(model, path, layer)
+    return model
+
+
+_merge = merge  # `unload`'s keyword argument shadows the function's name
+
+
+# ------------------------------------------------------------------------------ internals
+def _unwrap(model: nn.Module, path: str, layer: DeltaLayer) -> None:
+    from .inject import set_module
+    from .targeting import walk
+
+    for alias in [name for name, m in walk(model) if m is layer]:
+        set_module(model, alias, layer.base_layer)
+
+
+def _additive(delta: Delta) -> bool:
+    return type(delta).merged_params is Delta.merged_params
+
+
+def _merge_plan(model: nn.Module, names: list[str]) -> list[tuple[str, DeltaLayer, list[str]]]:
+    tied = _tied_params(model)
+    todo = []
+    for path, layer in delta_layers(model).items():
+        pending = [n for n in layer.active if n in names and n not in layer.merged]
+        if not pending:
+            continue
+        for name in pending:
+            delta = layer.deltas[name]
+            if not delta.mergeable:
+                raise MergeError(f"{delta.method!r} deltas cannot be merged into the weights "
+                                 f"({name!r} on {path}); keep them unmerged or deactivate them")
+        for param in layer.base_layer.parameters(recurse=False):
+            owners = tied.get(id(param), [])
+            if len(owners) > 1:
+                raise MergeError(f"the weights of {path} are shared with {owners}; merging "
+                                 "would change every module that shares them. Untie them first "
+                                 "(e.g. config.tie_word_embeddings=False and a copied weight)")
+        todo.append((path, layer, pending))
+    return todo
+
+
+def _tied_params(model: nn.Module) -> dict[int, list[str]]:
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, (DeltaLayer, Delta)):
+            continue
+        for param in module.parameters(recurse=False):
+            owners.setdefault(id(param), []).append(name)
+    return owners
+
+
+def _params32(layer: DeltaLayer) -> Params:
+    base = layer.base_layer
+    out: Params = {}
+    for key in ("weight", "bias"):
+        value = getattr(base, key, None)
+        out[key] = value.detach().float() if isinstance(value, Tensor) else None
+    return out
+
+
+def _fold(path: str, layer: DeltaLayer, names: list[str], *, write: bool) -> None:
+    params = _params32(layer)
+    for name in names:
+        new = layer.deltas[name].merged_params(params)
+        _check_finite(path, name, new, "merging")
+        if write:
+            created = [k for k in new if params.get(k) is None]
+            if created:
+                layer.created[name] = created
+            _write(layer, name, new)
+            layer.merged.append(name)
+        params = {**params, **new}
+    if write:
+        layer.refresh()
+
+
+def _unfold(path: str, layer: DeltaLayer, names: list[str], *, write: bool) -> None:
+    params = _params32(layer)
+    for name in reversed(names):
+        new = layer.deltas[name].unmerged_params(params)
+        created = layer.created.get(name, [])
+        for key in created:
+            new[key] = None
+        _check_finite(path, name, new, "unmerging")
+        if write:
+            for key in layer.created.pop(name, []):
+                setattr(layer.base_layer, key, None)
+            _write(layer, name, {k: v for k, v in new.items() if v is not None})
+            layer.merged.remove(name)
+        params = {**params, **new}
+    if write:
+        layer.refresh()
+
+
+def _check_finite(path: str, name: str, new: Params, what: str) -> None:
+    for key, value in new.items():
+        if value is not None and not torch.isfinite(value).all():
+            raise MergeError(f"{what} {name!r} into {path}.{key} gives NaN or Inf values; "
+                             "nothing was changed. Check the delta's parameters "
+                             "(e.g. a diverged training run)")
+
+
+@torch.no_grad()
+def _write(layer: DeltaLayer, name: str, new: Params) -> None:
+    base = layer.base_layer
+    weight = base.weight
+    for key, value in new.items():
+        current = getattr(base, key, None)
+        if current is None:
+            setattr(base, key, nn.Parameter(value.to(weight.dtype), requires_grad=False))
+        else:
+            current.copy_(value)

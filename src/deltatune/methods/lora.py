@@ -1,0 +1,233 @@
+"""LoRA — low-rank adaptation (Hu et al. 2021, arXiv:2106.09685).
+
+    h = W x + (α / r) · B A x          (rsLoRA, Kalajdzievski 2023: α / √r)
+
+``A`` is ``(r, in_dim)``, ``B`` is ``(out_dim, r)`` in the layer's matrix form (see
+``core.geometry``), so one implementation covers Linear, HF Conv1D, Conv1d/2d/3d and Embedding.
+
+Initialisations:
+
+* ``"default"``: ``A`` Kaiming-uniform, ``B = 0`` (embeddings: ``A = 0``, ``B ~ N(0, 1)``, as in
+  the reference implementation);
+* ``"gaussian"``: ``A ~ N(0, 1/r)``, ``B = 0``;
+* ``"pissa"`` (Meng et al. 2024, arXiv:2404.02948): ``B A`` starts as the top-``r`` singular
+  components of ``W``; the frozen copy ``B₀ A₀`` is subtracted, so the base weights themselves
+  are never rewritten: ``h = W x + s (B A − B₀ A₀) x`` equals PiSSA's ``W_res x + s B A x``.
+  Saved, it is the plain rank-2r delta ``[B, −B₀] [A; A₀]``, which loads on the original base.
+
+``freeze_a=True`` is the asymmetric variant (Zhu et al. 2024, arXiv:2402.16842): ``A`` is a frozen
+random projection regenerated from ``seed`` and the module path — never saved — and only ``B``
+trains.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..core.config import DeltaConfig
+from ..core.delta import Delta, Params
+from ..core.errors import AdapterFileError, ConfigError
+from ..core.geometry import LayerInfo
+from ..core.registry import register
+
+_INITS = ("default", "gaussian", "pissa")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoraConfig(DeltaConfig):
+    """LoRA hyper-parameters (targeting fields: see ``DeltaConfig``).
+
+    Args:
+        rank: ``r``, the rank of ``B A``.
+        alpha: ``α``; the update is scaled by ``α / r`` (``α / √r`` with ``rslora``).
+            ``None`` means ``α = r`` (scale 1), also when ``rank`` is overridden per module.
+        dropout: dropout probability on the input of the low-rank path.
+        rslora: rank-stabilised scaling ``α / √r``.
+        init: ``"default"``, ``"gaussian"`` or ``"pissa"``.
+        pissa_iters: for ``"pissa"``, iterations of a fast randomised SVD instead of a full SVD.
+        bias: also learn an additive bias delta (zero-initialised, merged into the base bias).
+        freeze_a: asymmetric LoRA: ``A`` frozen, random, regenerated from ``seed``.
+        seed: seed of the frozen ``A`` (combined with each module's path).
+    """
+
+    rank: int = 8
+    alpha: float | None = None
+    dropout: float = 0.0
+    rslora: bool = False
+    init: str = "default"
+    pissa_iters: int | None = None
+    bias: bool = False
+    freeze_a: bool = False
+    seed: int = 0
+
+    def validate(self) -> None:
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
+            raise ConfigError(f"rank must be a positive integer, got {self.rank!r}")
+        if self.alpha is not None and not (isinstance(self.alpha, (int, float))
+                                           and math.isfinite(self.alpha)):
+            raise ConfigError(f"alpha must be a finite number or None, got {self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.init not in _INITS:
+            raise ConfigError(f"init must be one of {_INITS}, got {self.init!r}")
+        if self.pissa_iters is not None and (self.init != "pissa" or self.pissa_iters < 0):
+            raise ConfigError("pissa_iters is a non-negative iteration count for init='pissa'")
+        if self.freeze_a and self.init == "pissa":
+            raise ConfigError("freeze_a=True needs a random A; it cannot be combined with "
+                              "init='pissa'")
+
+    @property
+    def scale(self) -> float:
+        """The factor applied to ``B A``."""
+        alpha = self.rank if self.alpha is None else self.alpha
+        return alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+    def for_saving(self) -> LoraConfig:
+        """PiSSA deltas are saved as plain rank-2r LoRA with the same scale."""
+        if self.init != "pissa":
+            return self
+        return self.replace(init="default", pissa_iters=None, **_doubled(self, None),
+                            overrides=None if self.overrides is None else {
+                                key: {**values, **_doubled(self, values)}
+                                for key, values in self.overrides.items()})
+
+
+def _doubled(config: LoraConfig, values: Mapping | None) -> dict:
+    """Rank 2r with alpha adjusted so that the scale α/r (or α/√r) stays the same."""
+    if values is not None and "rank" not in values and "alpha" not in values:
+        return {}
+    merged = config.replace(overrides=None, **(values or {}))
+    rank = 2 * merged.rank
+    factor = math.sqrt(rank) if merged.rslora else rank
+    return {"rank": rank, "alpha": merged.scale * factor}
+
+
+@register("lora", config=LoraConfig)
+class LoraDelta(Delta):
+    """``y + (α/r) · B A x`` on one layer."""
+
+    layer_kinds = frozenset({"linear", "conv", "embedding"})
+    mergeable = True
+
+    def __init__(self, info: LayerInfo, config: LoraConfig, path: str) -> None:
+        super().__init__(info, config, path)
+        if config.bias and info.kind == "embedding":
+            raise ConfigError(f"bias=True is not defined for embeddings ({path})")
+        r = config.rank
+        self.scale = config.scale
+        self.dropout = config.dropout if info.kind != "embedding" else 0.0
+        if config.freeze_a:
+            self.register_buffer("A", self._seeded_a(), persistent=False)
+        else:
+            self.A = nn.Parameter(torch.empty(r, info.in_dim))  # (r, in)
+        self.B = nn.Parameter(torch.empty(info.out_dim, r))  # (out, r)
+        self.bias = nn.Parameter(torch.zeros(info.out_dim)) if config.bias else None
+        self.A0: Tensor | None = None
+        self.B0: Tensor | None = None
+        if config.init == "pissa":  # frozen principal part, subtracted
+            self.register_buffer("A0", torch.empty(r, info.in_dim), persistent=False)
+            self.register_buffer("B0", torch.empty(info.out_dim, r), persistent=False)
+
+    @classmethod
+    def num_trainable(cls, info: LayerInfo, config: LoraConfig) -> int:
+        r = config.rank
+        return r * info.out_dim + (0 if config.freeze_a else r * info.in_dim) \
+            + (info.out_dim if config.bias else 0)
+
+    # ------------------------------------------------------------------------------ init
+    def _seeded_a(self) -> Tensor:
+        """Kaiming-uniform ``A`` from a CPU generator seeded by ``seed`` and the module path."""
+        shape, device = (self.config.rank, self.info.in_dim), torch.get_default_device()
+        if device.type == "meta":
+            return torch.empty(shape, device=device)
+        seed = (self.config.seed * 1_000_003 + zlib.crc32(self.path.encode())) % 2**63
+        bound = 1.0 / math.sqrt(self.info.in_dim)  # the bound of kaiming_uniform(a=√5)
+        a = torch.empty(shape, device="cpu")
+        a.uniform_(-bound, bound, generator=torch.Generator().manual_seed(seed))
+        return a.to(device)
+
+    @torch.no_grad()
+    def reset_parameters(self, base: nn.Module) -> None:
+        init, kind = self.config.init, self.info.kind
+        if init == "pissa":
+            self._pissa(base)
+            return
+        if self.config.freeze_a or kind != "embedding":
+            if isinstance(self.A, nn.Parameter):
+                if init == "gaussian":
+                    nn.init.normal_(self.A, std=1.0 / self.config.rank)
+                else:
+                    nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+            nn.init.zeros_(self.B)
+        else:
+            nn.init.zeros_(self.A)
+            nn.init.normal_(self.B)
+
+    def _pissa(self, base: nn.Module) -> None:
+        w = self.info.weight_matrix(base.weight.detach()).float()  # (out, in)
+        r = self.config.rank
+        if self.config.pissa_iters is None:
+            u, s, vh = torch.linalg.svd(w, full_matrices=False)
+            u, s, vh = u[:, :r], s[:r], vh[:r]
+        else:
+            u, s, v = torch.svd_lowrank(w, q=r, niter=self.config.pissa_iters)
+            vh = v.t()
+        root = (s / self.scale).sqrt()
+        self.A.copy_(root[:, None] * vh)  # (r, in)
+        self.B.copy_(u * root[None, :])  # (out, r)
+        self.A0.copy_(self.A)
+        self.B0.copy_(self.B)
+
+    # --------------------------------------------------------------------------- compute
+    def factors(self) -> tuple[Tensor, Tensor]:
+        """``(A, B)`` of the whole update; rank 2r ``[A; A₀]``, ``[B, −B₀]`` for PiSSA."""
+        if self.A0 is None:
+            return self.A, self.B
+        return torch.cat([self.A, self.A0]), torch.cat([self.B, -self.B0], dim=1)
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        a, b = self.factors()
+        if self.dropout and self.training:
+            x = F.dropout(x, self.dropout, training=True)
+        h = self.info.apply_in(x, self.cast(a, y))  # (..., r)
+        y = self.info.add_out(y, h, self.cast(b, y), self.scale)
+        if self.bias is not None:
+            y = y + self.cast(self.bias, y).view(self.info.channel_shape(y.dim()))
+        return y
+
+    def delta_params(self) -> Params:
+        a, b = self.factors()
+        weight = self.info.weight_from_matrix(self.scale * (b.float() @ a.float()))
+        return {"weight": weight, "bias": None if self.bias is None else self.bias.float()}
+
+    # ----------------------------------------------------------------------------- state
+    def state_tensors(self) -> dict[str, Tensor]:
+        a, b = self.factors()
+        out = {"B": b}
+        if self.config.freeze_a:  # regenerated on load; a few values guard against drift
+            out["A_check"] = self.A.reshape(-1)[:8]
+        else:
+            out["A"] = a
+        if self.bias is not None:
+            out["bias"] = self.bias
+        return out
+
+    def load_state_tensors(self, tensors: Mapping[str, Tensor]) -> None:
+        if "A_check" in tensors:
+            mine = self.A.reshape(-1)[:8].float().cpu()
+            if not torch.allclose(mine, tensors["A_check"].float().cpu(), atol=1e-6):
+                raise AdapterFileError(
+                    f"{self.path}: the frozen A regenerated from seed {self.config.seed} differs "
+                    "from the one this delta was trained with (another torch version's random "
+                    "generator?); it cannot be used")
+        with torch.no_grad():
+            for key, value in tensors.items():
+                if key != "A_check":
+                    getattr(self, key).copy_(value)

@@ -1,0 +1,86 @@
+"""Shared test helpers: target selection for the contract suite, perturbation, comparisons."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+import deltatune as dt
+from deltatune.core.delta import Delta
+from deltatune.core.layers import DeltaLayer
+from deltatune.core.lifecycle import delta_layers
+from deltatune.core.targeting import Matcher
+
+
+def tied_param_ids(model: nn.Module) -> set[int]:
+    owners: dict[int, int] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    return {pid for pid, n in owners.items() if n > 1}
+
+
+def adaptable(model: nn.Module, kinds: frozenset[str]) -> list[str]:
+    """Every module the method can adapt whose weights are not tied to another module."""
+    matcher = Matcher(model)
+    tied = tied_param_ids(model)
+    out = []
+    for name in matcher.names:
+        info = matcher.info(name)
+        if matcher.canonical(name) != name or info is None or info.kind not in kinds:
+            continue
+        if any(id(p) in tied for p in matcher.modules[name].parameters(recurse=False)):
+            continue
+        out.append(name)
+    return out
+
+
+def delta_params(model: nn.Module) -> dict[int, Tensor]:
+    return {id(p): p for layer in delta_layers(model).values() for p in layer.deltas.parameters()}
+
+
+@torch.no_grad()
+def perturb(model: nn.Module, name: str | None = None, scale: float = 0.2,
+            seed: int = 7) -> None:
+    """Move every parameter of delta ``name`` (all deltas if None) away from its init."""
+    gen = torch.Generator().manual_seed(seed)
+    for layer in delta_layers(model).values():
+        for key, delta in layer.deltas.items():
+            if name is None or key == name:
+                for p in delta.parameters():
+                    noise = torch.randn(p.shape, generator=gen).to(p.dtype)
+                    p.add_(noise * scale)
+
+
+def rel_err(a: Tensor, b: Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def assert_rel_close(a: Tensor, b: Tensor, tol: float, what: str = "") -> None:
+    err = rel_err(a, b)
+    assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"
+
+
+def assert_differs(a: Tensor, b: Tensor, what: str = "", at_least: float = 1e-4) -> None:
+    err = rel_err(a, b)
+    assert err > at_least, f"{what}: outputs should differ (relative change {err:.2e}); " \
+                           "the test would be vacuous"
+
+
+def no_deltatune_modules(model: nn.Module) -> bool:
+    return not any(isinstance(m, (DeltaLayer, Delta)) for m in model.modules())
+
+
+def base_tensors(model: nn.Module) -> dict[str, Tensor]:
+    """Clones of every base parameter and buffer (delta tensors excluded), by name."""
+    own = {id(t) for layer in delta_layers(model).values()
+           for t in [*layer.deltas.parameters(), *layer.deltas.buffers()]}
+    out = {}
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if id(t) not in own:
+            out[name] = t.detach().clone()
+    return out
+
+
+__all__ = ["dt"]
