@@ -12,6 +12,11 @@ import json
 
 import pytest
 import torch
+
+import deltatune as dt
+from deltatune.core.delta import Delta
+from deltatune.core.lifecycle import delta_layers
+from deltatune.core.targeting import Matcher, module_config
 from helpers import (
     adaptable,
     assert_differs,
@@ -24,16 +29,27 @@ from helpers import (
 )
 from zoo import CASES, run
 
-import deltatune as dt
-from deltatune.core.delta import Delta
-from deltatune.core.lifecycle import delta_layers
-from deltatune.core.targeting import Matcher, module_config
 
-PAIRS = [(m, c) for m in dt.methods() for c in CASES
+class Variant(str):
+    """A method name plus one of its declared example configs (``Delta.examples``)."""
+
+    def __new__(cls, method: str, index: int):
+        self = super().__new__(cls, method)
+        self.kwargs = dict(dt.get_method(method).delta_class.examples[index])
+        self.label = method if index == 0 else f"{method}{index}"
+        return self
+
+
+#: Noise added to every delta parameter so that deltas are not at their (often identity) init:
+#: large enough to change outputs clearly, small enough to keep ΔW on the scale of W.
+PERTURB = 0.05
+
+PAIRS = [(Variant(m, i), c) for m in dt.methods()
+         for i in range(len(dt.get_method(m).delta_class.examples)) for c in CASES
          if dt.get_method(m).delta_class.layer_kinds & c.kinds]
 
 
-@pytest.fixture(params=PAIRS, ids=[f"{m}-{c.name}" for m, c in PAIRS])
+@pytest.fixture(params=PAIRS, ids=[f"{m.label}-{c.name}" for m, c in PAIRS])
 def pair(request):
     return request.param
 
@@ -42,9 +58,15 @@ def delta_class(method: str) -> type[Delta]:
     return dt.get_method(method).delta_class
 
 
+def tolerance(method: str, dtype: torch.dtype = torch.float32) -> float:
+    cls = delta_class(method)
+    return cls.tolerance_for(cls.config_class(**getattr(method, "kwargs", {})))[dtype]
+
+
 def make_config(method: str, model, **kwargs):
     cls = delta_class(method)
-    return cls.config_class(targets=adaptable(model, cls.layer_kinds), **kwargs)
+    variant = getattr(method, "kwargs", {})
+    return cls.config_class(targets=adaptable(model, cls.layer_kinds), **variant, **kwargs)
 
 
 def adapted(method, case, dtype=torch.float32, name="a", seed=0):
@@ -54,7 +76,7 @@ def adapted(method, case, dtype=torch.float32, name="a", seed=0):
     with torch.no_grad():
         y0 = run(model, inputs)
     dt.inject(model, make_config(method, model), name=name)
-    perturb(model)
+    perturb(model, scale=PERTURB)
     with torch.no_grad():
         y1 = run(model, inputs)
     assert_differs(y1, y0, f"{method} on {case}")
@@ -78,7 +100,7 @@ def test_identity_at_init(pair):
     dt.inject(model, make_config(method, model), name="a")
     with torch.no_grad():
         y1 = run(model, inputs)
-    assert_rel_close(y1, y0, delta_class(method).tolerance[torch.float32], "identity at init")
+    assert_rel_close(y1, y0, tolerance(method, torch.float32), "identity at init")
 
 
 def test_training_changes_only_delta_params(pair):
@@ -119,7 +141,7 @@ def test_merged_equals_unmerged(pair, dtype):
     assert changed, "merge wrote nothing"
     with torch.no_grad():
         y_merged = run(model, inputs)
-    assert_rel_close(y_merged, y_unmerged, cls.tolerance[dtype], f"merged vs unmerged {dtype}")
+    assert_rel_close(y_merged, y_unmerged, tolerance(method, dtype), f"merged vs unmerged {dtype}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -140,9 +162,9 @@ def test_unmerge_restores_base_weights(pair, dtype):
         # Rounding happens on W + ΔW, so the error is bounded relative to the merged weight.
         err = (after[key].double() - value.double()).norm() \
             / merged[key].double().norm().clamp_min(1e-12)
-        assert err <= cls.tolerance[dtype], f"restored {key}: relative error {err:.2e}"
+        assert err <= tolerance(method, dtype), f"restored {key}: relative error {err:.2e}"
     with torch.no_grad():
-        assert_rel_close(run(model, inputs), y1, cls.tolerance[dtype], "output after unmerge")
+        assert_rel_close(run(model, inputs), y1, tolerance(method, dtype), "output after unmerge")
 
 
 def test_merge_twice_is_merge_once(pair):
@@ -165,11 +187,14 @@ def test_unload_merge_gives_plain_model(pair):
     if not cls.mergeable:
         pytest.skip(f"{method} declares mergeable=False")
     model, inputs, _, y1 = adapted(method, case)
+    targets = list(delta_layers(model))
     plain = dt.unload(model, merge=True)
     assert no_deltatune_modules(plain)
-    assert set(plain.state_dict()) == set(case.build().state_dict()), "not the base's layout"
+    extra = set(plain.state_dict()) - set(case.build().state_dict())
+    assert extra <= {f"{t}.bias" for t in targets}, "only a merged bias delta may add keys"
+    assert set(case.build().state_dict()) <= set(plain.state_dict()), "not the base's layout"
     with torch.no_grad():
-        assert_rel_close(run(plain, inputs), y1, cls.tolerance[torch.float32], "unloaded")
+        assert_rel_close(run(plain, inputs), y1, tolerance(method, torch.float32), "unloaded")
 
 
 def test_unload_without_merge_gives_base_model(pair):
@@ -182,7 +207,7 @@ def test_unload_without_merge_gives_base_model(pair):
     fresh = case.build()
     assert set(plain.state_dict()) == set(fresh.state_dict())
     with torch.no_grad():
-        assert_rel_close(run(plain, inputs), y0, delta_class(method).tolerance[torch.float32],
+        assert_rel_close(run(plain, inputs), y0, tolerance(method, torch.float32),
                          "unload(merge=False) output")
 
 
@@ -195,7 +220,7 @@ def test_save_load_into_fresh_base(pair, tmp_path):
     assert dt.adapters(fresh).keys() == {"a"} and dt.active_adapters(fresh) == ["a"]
     assert not any(p.requires_grad for p in fresh.parameters()), "loaded deltas default frozen"
     with torch.no_grad():
-        assert_rel_close(run(fresh, inputs), y1, delta_class(method).tolerance[torch.float32],
+        assert_rel_close(run(fresh, inputs), y1, tolerance(method, torch.float32),
                          "reloaded")
 
 
@@ -216,8 +241,8 @@ def test_two_deltas_compose_as_declared(pair):
     config = make_config(method, model)
     dt.inject(model, config, name="a")
     dt.inject(model, config, name="b")
-    perturb(model, "a", seed=1)
-    perturb(model, "b", seed=2)
+    perturb(model, "a", seed=1, scale=PERTURB)
+    perturb(model, "b", seed=2, scale=PERTURB)
     path, layer = next(iter(delta_layers(model).items()))
     seen = {}
     hook = layer.register_forward_pre_hook(lambda mod, args: seen.setdefault("x", args[0]))
@@ -234,7 +259,7 @@ def test_two_deltas_compose_as_declared(pair):
     y0, ya, yb, yab = layer_out([]), layer_out(["a"]), layer_out(["b"]), layer_out(["a", "b"])
     assert_differs(ya, y0, "delta a")
     assert_differs(yb, y0, "delta b")
-    tol = cls.tolerance[torch.float32]
+    tol = tolerance(method, torch.float32)
     if cls.composition == "add":
         assert_rel_close(yab - y0, (ya - y0) + (yb - y0), tol, f"additive composition ({path})")
     elif cls.composition == "scale":
@@ -269,6 +294,14 @@ def test_config_json_round_trip(pair):
     again = dt.config_from_dict(json.loads(text))
     assert again == config and type(again) is type(config)
     assert json.loads(text)["method"] == method
+
+
+def test_every_method_declares_examples_that_build():
+    for method in dt.methods():
+        cls = delta_class(method)
+        assert cls.examples and cls.examples[0] == {}, f"{method}: examples[0] is the default"
+        for kwargs in cls.examples:
+            cls.config_class(**kwargs)
 
 
 def test_errors_leave_model_unchanged_on_bad_target(pair):

@@ -52,6 +52,8 @@ class Delta(nn.Module):
     composition: ClassVar[str] = "add"
     #: Whether ``pre`` rewrites the layer input (input-position methods).
     transforms_input: ClassVar[bool] = False
+    #: Config variants (keyword arguments) the contract test-suite runs, besides the defaults.
+    examples: ClassVar[tuple[Mapping[str, object], ...]] = ({},)
     #: Relative error ‖a − b‖ / ‖b‖ allowed between merged and unmerged outputs (and for
     #: unmerge round trips), per dtype.
     tolerance: ClassVar[Mapping[torch.dtype, float]] = {
@@ -104,6 +106,11 @@ class Delta(nn.Module):
         """Inverse of ``merged_params``: the parameters before this delta was folded in."""
         return {key: params[key] - delta for key, delta in self.delta_params().items()
                 if delta is not None}
+
+    @classmethod
+    def tolerance_for(cls, config: DeltaConfig) -> Mapping[torch.dtype, float]:
+        """The declared tolerance for deltas made with ``config`` (default: ``tolerance``)."""
+        return cls.tolerance
 
     @classmethod
     def num_trainable(cls, info: LayerInfo, config: DeltaConfig) -> int:

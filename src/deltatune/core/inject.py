@@ -101,6 +101,8 @@ def attach(
             layer = DeltaLayer(matcher.modules[path], info)
             for alias in matcher.aliases[path]:
                 set_module(model, alias, layer)
+        layer.train(layer.base_layer.training)  # new modules follow the model's mode
+        delta.train(layer.base_layer.training)
         layer.add(name, delta)
         delta.requires_grad_(trainable)
     _freeze_base(model)

@@ -145,11 +145,11 @@ def merge(model: nn.Module, names: str | Iterable[str] | None = None, *,
     if inactive:
         raise StateError(f"{inactive} are not active; activate them before merging")
     todo = _merge_plan(model, names)
-    if safe:
+    if safe:  # check everything first, write only if every layer passes
         for path, layer, deltas in todo:
-            _fold(path, layer, deltas, write=False)
+            _fold(path, layer, deltas, write=False, check=True)
     for path, layer, deltas in todo:
-        _fold(path, layer, deltas, write=True)
+        _fold(path, layer, deltas, write=True, check=False)
 
 
 def unmerge(model: nn.Module, names: str | Iterable[str] | None = None) -> None:
@@ -230,6 +230,13 @@ def _merge_plan(model: nn.Module, names: list[str]) -> list[tuple[str, DeltaLaye
             if not delta.mergeable:
                 raise MergeError(f"{delta.method!r} deltas cannot be merged into the weights "
                                  f"({name!r} on {path}); keep them unmerged or deactivate them")
+        # Merged deltas act first; merging one after an unmerged delta that does not commute
+        # with it would change the output.
+        last = layer.active.index(pending[-1])
+        before = [n for n in layer.active[:last] if n not in layer.merged and n not in pending]
+        if before and not all(_additive(layer.deltas[n]) for n in [*before, *pending]):
+            raise MergeError(f"{path}: {before} come before {pending} in the active order and "
+                             "do not commute with them; merge them too (or first)")
         for param in layer.base_layer.parameters(recurse=False):
             owners = tied.get(id(param), [])
             if len(owners) > 1:
@@ -259,11 +266,12 @@ def _params32(layer: DeltaLayer) -> Params:
     return out
 
 
-def _fold(path: str, layer: DeltaLayer, names: list[str], *, write: bool) -> None:
+def _fold(path: str, layer: DeltaLayer, names: list[str], *, write: bool, check: bool) -> None:
     params = _params32(layer)
     for name in names:
         new = layer.deltas[name].merged_params(params)
-        _check_finite(path, name, new, "merging")
+        if check:
+            _check_finite(path, name, new, "merging")
         if write:
             created = [k for k in new if params.get(k) is None]
             if created:

@@ -68,7 +68,8 @@ def get_method(name: str) -> MethodSpec:
     except (KeyError, TypeError):
         close = difflib.get_close_matches(str(name), _REGISTRY, n=3)
         hint = f" Did you mean {close}?" if close else ""
-        raise ConfigError(f"unknown method {name!r}.{hint} Registered methods: {methods()}") from None
+        raise ConfigError(
+            f"unknown method {name!r}.{hint} Registered methods: {methods()}") from None
 
 
 def methods() -> list[str]:

@@ -142,11 +142,22 @@ class Matcher:
         out = []
         for entry in spec:
             hits = [n for n in self.names if self.entry_matches(n, entry)]
+            if not hits and entry in CANONICAL_NAMES:
+                raise TargetError(f"{field} entry {entry!r}: this {self.structure.family} model "
+                                  f"has no {entry!r} layer (e.g. a non-gated FFN has no "
+                                  f"ffn.gate); canonical names present: {self.present()}")
             if not hits:
                 raise TargetError(f"{field} entry {entry!r} matches no module of "
                                   f"{type(self.model).__name__}.{self._close(entry)}")
             out.append(hits)
         return out
+
+    def present(self) -> list[str]:
+        """Canonical names that match at least one module of this model."""
+        if self.structure is None:
+            return []
+        return [c for c, paths in self.structure.names.items()
+                if paths and any(p.relative in paths for p in self._positions.values())]
 
     def canonical(self, name: str) -> str:
         """The first path of the module object at ``name`` (aliases share one delta)."""
@@ -185,13 +196,12 @@ class Matcher:
         for name in self.names:
             parts = name.split(".")
             suffixes.update({parts[-1], ".".join(parts[-2:])})
-        if self.structure is not None:
-            suffixes.update(k for k, v in self.structure.names.items() if v)
+        suffixes.update(self.present())
         close = difflib.get_close_matches(entry, sorted(suffixes), n=5, cutoff=0.5)
-        hint = f" Close names: {close}." if close else f" Module names look like {self._examples()}."
+        hint = (f" Close names: {close}." if close
+                else f" Module names look like {self._examples()}.")
         if self.structure is not None:
-            canon = sorted(k for k, v in self.structure.names.items() if v)
-            hint += f" Canonical names for {self.structure.family}: {canon}."
+            hint += f" Canonical names for {self.structure.family}: {self.present()}."
         return hint
 
 

@@ -14,6 +14,9 @@ Initialisations:
   components of ``W``; the frozen copy ``B₀ A₀`` is subtracted, so the base weights themselves
   are never rewritten: ``h = W x + s (B A − B₀ A₀) x`` equals PiSSA's ``W_res x + s B A x``.
   Saved, it is the plain rank-2r delta ``[B, −B₀] [A; A₀]``, which loads on the original base.
+  The price, in bf16: the unmerged forward subtracts ``s B₀A₀ x`` from ``W x``, so its rounding
+  error is relative to the whole ``W x`` rather than to the residual; the declared bf16 tolerance
+  is twice plain LoRA's. Merging computes ``W + s (B A − B₀ A₀)`` in fp32 and is exact.
 
 ``freeze_a=True`` is the asymmetric variant (Zhu et al. 2024, arXiv:2402.16842): ``A`` is a frozen
 random projection regenerated from ``seed`` and the module path — never saved — and only ``B``
@@ -52,7 +55,8 @@ class LoraConfig(DeltaConfig):
         rslora: rank-stabilised scaling ``α / √r``.
         init: ``"default"``, ``"gaussian"`` or ``"pissa"``.
         pissa_iters: for ``"pissa"``, iterations of a fast randomised SVD instead of a full SVD.
-        bias: also learn an additive bias delta (zero-initialised, merged into the base bias).
+        bias: also learn an additive bias delta (zero-initialised, merged into the base bias;
+            on an embedding it shifts every row of the table).
         freeze_a: asymmetric LoRA: ``A`` frozen, random, regenerated from ``seed``.
         seed: seed of the frozen ``A`` (combined with each module's path).
     """
@@ -115,11 +119,12 @@ class LoraDelta(Delta):
 
     layer_kinds = frozenset({"linear", "conv", "embedding"})
     mergeable = True
+    examples = ({}, {"rank": 3, "alpha": 5, "rslora": True, "bias": True},
+                {"init": "pissa", "rank": 2}, {"init": "gaussian", "freeze_a": True, "seed": 3},
+                {"dropout": 0.1})
 
     def __init__(self, info: LayerInfo, config: LoraConfig, path: str) -> None:
         super().__init__(info, config, path)
-        if config.bias and info.kind == "embedding":
-            raise ConfigError(f"bias=True is not defined for embeddings ({path})")
         r = config.rank
         self.scale = config.scale
         self.dropout = config.dropout if info.kind != "embedding" else 0.0
@@ -129,11 +134,21 @@ class LoraDelta(Delta):
             self.A = nn.Parameter(torch.empty(r, info.in_dim))  # (r, in)
         self.B = nn.Parameter(torch.empty(info.out_dim, r))  # (out, r)
         self.bias = nn.Parameter(torch.zeros(info.out_dim)) if config.bias else None
-        self.A0: Tensor | None = None
-        self.B0: Tensor | None = None
-        if config.init == "pissa":  # frozen principal part, subtracted
-            self.register_buffer("A0", torch.empty(r, info.in_dim), persistent=False)
-            self.register_buffer("B0", torch.empty(info.out_dim, r), persistent=False)
+        pissa = config.init == "pissa"  # frozen principal part, subtracted
+        if pissa and r > min(info.in_dim, info.out_dim):
+            raise ConfigError(f"init='pissa' needs rank <= min(in, out) = "
+                              f"{min(info.in_dim, info.out_dim)} for {path} (rank {r}); lower "
+                              "the rank there with overrides=, or exclude= the module")
+        self.register_buffer("A0", torch.empty(r, info.in_dim) if pissa else None,
+                             persistent=False)
+        self.register_buffer("B0", torch.empty(info.out_dim, r) if pissa else None,
+                             persistent=False)
+
+    @classmethod
+    def tolerance_for(cls, config: LoraConfig) -> Mapping[torch.dtype, float]:
+        if config.init != "pissa":
+            return cls.tolerance
+        return {**cls.tolerance, torch.bfloat16: 2 * cls.tolerance[torch.bfloat16]}
 
     @classmethod
     def num_trainable(cls, info: LayerInfo, config: LoraConfig) -> int:
@@ -176,9 +191,10 @@ class LoraDelta(Delta):
         if self.config.pissa_iters is None:
             u, s, vh = torch.linalg.svd(w, full_matrices=False)
             u, s, vh = u[:, :r], s[:r], vh[:r]
-        else:
-            u, s, v = torch.svd_lowrank(w, q=r, niter=self.config.pissa_iters)
-            vh = v.t()
+        else:  # randomised SVD, oversampled by 10 (Halko et al. 2011), then truncated
+            q = min(r + 10, *w.shape)
+            u, s, v = torch.svd_lowrank(w, q=q, niter=self.config.pissa_iters)
+            u, s, vh = u[:, :r], s[:r], v[:, :r].t()
         root = (s / self.scale).sqrt()
         self.A.copy_(root[:, None] * vh)  # (r, in)
         self.B.copy_(u * root[None, :])  # (out, r)
@@ -205,7 +221,10 @@ class LoraDelta(Delta):
     def delta_params(self) -> Params:
         a, b = self.factors()
         weight = self.info.weight_from_matrix(self.scale * (b.float() @ a.float()))
-        return {"weight": weight, "bias": None if self.bias is None else self.bias.float()}
+        bias = None if self.bias is None else self.bias.float()
+        if bias is not None and self.info.kind == "embedding":  # a shift of every table row
+            weight, bias = weight + bias, None
+        return {"weight": weight, "bias": bias}
 
     # ----------------------------------------------------------------------------- state
     def state_tensors(self) -> dict[str, Tensor]:

@@ -1,0 +1,3 @@
+"""Fixtures shared by the whole suite."""
+
+from toys import toy_methods  # noqa: F401  (re-exported fixture)
