@@ -238,8 +238,8 @@ def _merge_plan(model: nn.Module, names: list[str]) -> list[tuple[str, DeltaLaye
             raise MergeError(f"{path}: {before} come before {pending} in the active order and "
                              "do not commute with them; merge them too (or first)")
         for param in layer.base_layer.parameters(recurse=False):
-            owners = tied.get(id(param), [])
-            if len(owners) > 1:
+            owners = [n for n in tied.get(id(param), []) if n != path]
+            if owners:
                 raise MergeError(f"the weights of {path} are shared with {owners}; merging "
                                  "would change every module that shares them. Untie them first "
                                  "(e.g. config.tie_word_embeddings=False and a copied weight)")
@@ -248,12 +248,18 @@ def _merge_plan(model: nn.Module, names: list[str]) -> list[tuple[str, DeltaLaye
 
 
 def _tied_params(model: nn.Module) -> dict[int, list[str]]:
+    """``{id(parameter): [logical names of the modules that own it]}``."""
+    from .targeting import walk
+
     owners: dict[int, list[str]] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        if isinstance(module, (DeltaLayer, Delta)):
+    for name, module in walk(model):
+        if isinstance(module, Delta):
             continue
+        if isinstance(module, DeltaLayer):
+            module = module.base_layer
         for param in module.parameters(recurse=False):
-            owners.setdefault(id(param), []).append(name)
+            if name not in owners.setdefault(id(param), []):
+                owners[id(param)].append(name)
     return owners
 
 
