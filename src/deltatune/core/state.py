@@ -14,6 +14,7 @@ JSON and safetensors only, never pickle.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import json
@@ -21,6 +22,7 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -126,10 +128,7 @@ def _save_one(model: nn.Module, directory: Path, name: str, hash_base: bool) -> 
         raise DeltaError("cannot hash the base weights while deltas are merged into them; "
                          "unmerge first or save with hash_base=False")
     config = layers[paths[0]].deltas[name].adapter_config.for_saving()
-    _check_target_dir(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    try:
+    with atomic_directory(directory, own_files=_OWN_FILES) as tmp:
         weights = tmp / WEIGHTS_FILE
         save_file(adapter_tensors(model, name), str(weights), metadata={"format": "pt"})
         meta = {
@@ -142,7 +141,27 @@ def _save_one(model: nn.Module, directory: Path, name: str, hash_base: bool) -> 
             "weights_sha256": _file_sha256(weights),
         }
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        for f in (weights, tmp / CONFIG_FILE):
+
+
+@contextlib.contextmanager
+def atomic_directory(directory: Path, own_files: set[str]) -> Iterator[Path]:
+    """Write a directory atomically: yield a temporary sibling, then swap it into place.
+
+    ``directory`` may be absent, empty, or hold only ``own_files`` (a previous save, which is
+    replaced); anything else is refused so that no unrelated file is ever lost. Files are
+    fsynced before the swap; on an exception the temporary directory is removed and
+    ``directory`` is left as it was.
+
+    Raises:
+        AdapterFileError: ``directory`` is a file, or holds other files.
+    """
+    directory = Path(directory)
+    _check_target_dir(directory, own_files)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        yield tmp
+        for f in tmp.iterdir():
             _fsync(f)
         _swap_into_place(tmp, directory)
     finally:
@@ -150,13 +169,13 @@ def _save_one(model: nn.Module, directory: Path, name: str, hash_base: bool) -> 
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _check_target_dir(directory: Path) -> None:
+def _check_target_dir(directory: Path, own_files: set[str]) -> None:
     if not directory.exists():
         return
     if not directory.is_dir():
         raise AdapterFileError(f"{directory} exists and is not a directory; choose another path")
-    others = sorted(p.name for p in directory.iterdir() if p.name not in _OWN_FILES)
-    if others and (directory / CONFIG_FILE).exists():
+    others = sorted(p.name for p in directory.iterdir() if p.name not in own_files)
+    if others and any((directory / f).exists() for f in own_files):
         raise AdapterFileError(f"{directory} holds a saved delta plus other files {others[:5]}; "
                                "refusing to replace it. Save into a dedicated directory")
     if others:
@@ -238,7 +257,8 @@ def load(model: nn.Module, path: str | os.PathLike, name: str | None = None, *,
         if root.is_dir() else []
     if not subdirs:
         hint = (" It holds a Hugging Face peft adapter (adapter_config.json); import it with "
-                "deltatune.integrations.peft.") if (root / "adapter_config.json").exists() else ""
+                "deltatune.integrations.peft.load_peft.") \
+            if (root / "adapter_config.json").exists() else ""
         raise AdapterFileError(f"no saved delta at {root} (expected {CONFIG_FILE}, or "
                                f"subdirectories holding one).{hint}")
     if name is not None:
