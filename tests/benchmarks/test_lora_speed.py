@@ -1,0 +1,96 @@
+"""Smoke test of ``benchmarks/lora_speed.py``: a tiny ``--quick`` run, then the JSON's shape.
+
+The benchmark runs in a subprocess (as a user runs it): it forks its memory-measuring children,
+which is only safe from a process that has not run torch kernels yet.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "lora_speed.py"
+TRAIN = ["floor", "full_ft", "dt_lora_all", "peft_lora_all", "dt_lora_qv", "peft_lora_qv"]
+INFER = ["infer_base", "infer_dt_unmerged", "infer_peft_unmerged", "infer_dt_merged"]
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    out = tmp_path_factory.mktemp("bench")
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--threads", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return json.loads((out / "lora_speed_cpu.json").read_text()), out
+
+
+def test_every_case_is_timed_and_measured(report: tuple[dict, Path]) -> None:
+    data, _ = report
+    cases = data["cases"]
+    assert sorted(cases) == sorted(TRAIN + INFER)
+    assert data["settings"]["steps"] >= 2
+    for name, case in cases.items():
+        t = case["time"]
+        assert len(t["samples_s"]) == data["settings"]["steps"], name
+        assert all(x > 0 for x in t["samples_s"]), name
+        assert 0 < t["min_s"] <= t["median_s"] <= t["max_s"], name
+        assert t["spread_pct"] >= 0, name
+        mem = case["memory"]
+        assert "error" not in mem, (name, mem)
+        assert isinstance(mem["peak_bytes"], int), name
+        assert mem["peak_bytes"] >= mem["resident_before_step_bytes"] - 4 * 2**20, name
+    env = data["environment"]
+    for key in ("torch", "transformers", "peft", "device_name", "threads", "dtype",
+                "malloc_timing"):
+        assert env[key] is not None, key
+
+
+def test_ratios_match_the_times(report: tuple[dict, Path]) -> None:
+    cases = report[0]["cases"]
+
+    def median(name: str) -> float:
+        return cases[name]["time"]["median_s"]
+
+    for name, case in cases.items():
+        ratios = case["ratios"]
+        ref = ratios["reference"]
+        assert ref == ("floor" if name in TRAIN else "infer_base")
+        assert math.isclose(ratios["time_vs_reference"], median(name) / median(ref), rel_tol=1e-9)
+        ref_peak, peak = cases[ref]["memory"]["peak_bytes"], case["memory"]["peak_bytes"]
+        if ref_peak > 0:
+            assert math.isclose(ratios["memory_vs_reference"], peak / ref_peak, rel_tol=1e-9)
+        if case["peer"] is not None:
+            peer = case["peer"]
+            assert peer.startswith(("peft_", "infer_peft_")), peer
+            assert math.isclose(ratios["time_vs_peer"], median(name) / median(peer),
+                                rel_tol=1e-9)
+    assert cases["floor"]["ratios"]["time_vs_reference"] == 1.0
+    assert cases["infer_base"]["ratios"]["time_vs_reference"] == 1.0
+
+
+def test_cases_compute_the_same_thing(report: tuple[dict, Path]) -> None:
+    data, _ = report
+    sanity, cases = data["sanity"], data["cases"]
+    assert sanity["first_loss_max_abs_diff"] < 1e-4
+    diffs = sanity["logits_rel_diff"]
+    assert diffs["dt_unmerged_vs_base"] > 1e-3  # the adapters are not a no-op
+    assert diffs["dt_unmerged_vs_peft_unmerged"] < 1e-5
+    assert diffs["dt_merged_vs_dt_unmerged"] < 1e-4
+    assert cases["floor"]["trainable_params"] == 0
+    assert cases["dt_lora_all"]["trainable_params"] == cases["peft_lora_all"]["trainable_params"]
+    assert cases["dt_lora_qv"]["trainable_params"] == cases["peft_lora_qv"]["trainable_params"]
+
+
+def test_markdown_table(report: tuple[dict, Path]) -> None:
+    data, out = report
+    table = (out / "lora_speed_cpu.md").read_text()
+    for case in data["cases"].values():
+        assert f"| {case['label']} |" in table
