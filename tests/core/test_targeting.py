@@ -226,7 +226,9 @@ def test_matcher_reports_canonical_alias_and_info():
     matcher = Matcher(model)
     info = matcher.info("transformer.h.0.attn.c_attn")
     assert info.kind == "linear" and info.transposed and (info.in_dim, info.out_dim) == (32, 96)
-    assert matcher.info("transformer.h.0.ln_1") is None
+    norm = matcher.info("transformer.h.0.ln_1")
+    assert norm.kind == "norm" and norm.weight_shape == (32,)
+    assert matcher.info("transformer.h.0.attn.attn_dropout") is None
     assert matcher.output_heads() == {"lm_head"}
     assert torch.equal(info.weight_matrix(matcher.modules["transformer.h.0.attn.c_attn"].weight),
                        matcher.modules["transformer.h.0.attn.c_attn"].weight.t())

@@ -108,7 +108,8 @@ def cost(model: nn.Module, config: DeltaConfig) -> Cost:
 
     spec = get_method(config.method)
     cls = spec.delta_class
-    targets = resolve_targets(model, config, cls.layer_kinds, cls.default_targets, spec.name)
+    targets = resolve_targets(model, config, cls.layer_kinds, cls.default_targets, spec.name,
+                              cls.supports)
     matcher = Matcher(model)
     params = nbytes = 0
     for path, info in targets.items():

@@ -88,6 +88,10 @@ class DeltaConfig:
     """
 
     method: ClassVar[str] = ""
+    #: Method fields that hold a target spec (list or regex, like ``targets``) naming a subset
+    #: of the targeted modules; each delta sees them resolved to ``True`` / ``False`` for its
+    #: own module (e.g. IA3's ``feedforward``).
+    module_sets: ClassVar[tuple[str, ...]] = ()
 
     targets: Sequence[str] | str | None = None
     exclude: Sequence[str] | str | None = None
@@ -102,9 +106,9 @@ class DeltaConfig:
         self.validate()
 
     def _check_placement(self) -> None:
-        for field in ("targets", "exclude"):
+        for field in ("targets", "exclude", *self.module_sets):
             value = getattr(self, field)
-            if value is None or isinstance(value, str):
+            if value is None or isinstance(value, (str, bool)):
                 continue
             if not all(isinstance(v, str) and v for v in value):
                 raise ConfigError(f"{field} must be a regex string or a list of non-empty names, "

@@ -1,10 +1,18 @@
 """``Delta``: one named delta applied to one base layer — the unit every method implements.
 
-In the unified view a delta modifies a hidden state of the frozen model. A ``Delta`` sees the
-layer's input ``x`` and output ``y`` and returns the modified output (``forward``); a delta at
-the input position also rewrites the input first (``pre``). Mergeable deltas say how they fold
-into the base layer's parameters; the machinery that merges (fp32 math, NaN checks, dtype
-casts, ordering, unmerge) is written once in ``lifecycle``.
+In the unified view a delta modifies a hidden state of the frozen model. A delta has one of two
+forms:
+
+* ``"output"`` (sequential / parallel / scaling): it sees the layer's input ``x`` and output
+  ``y`` and returns the modified output (``forward``); a delta at the input position also
+  rewrites the input first (``pre``). A delta that sets ``reads_tap`` gets, as ``x``, the input
+  of the sub-layer its target was found through (``attn`` / ``ffn``: parallel adapters).
+* ``"weight"``: it changes the base layer's own parameters, ``θ + Δθ`` (``delta_params``), and
+  the layer runs once with them. This is how selected-parameter methods (BitFit, LayerNorm
+  tuning, sparse deltas) work on any module type without knowing its forward.
+
+Mergeable deltas say how they fold into the base layer's parameters; the machinery that merges
+(fp32 math, NaN checks, dtype casts, ordering, unmerge) is written once in ``lifecycle``.
 
 Subclasses declare their capabilities as class attributes, which the core and the contract
 test-suite read instead of special-casing methods by name.
@@ -52,6 +60,10 @@ class Delta(nn.Module):
     composition: ClassVar[str] = "add"
     #: Whether ``pre`` rewrites the layer input (input-position methods).
     transforms_input: ClassVar[bool] = False
+    #: "output": ``forward(x, y)`` rewrites the layer output; "weight": ``delta_params()`` is
+    #: added to the base parameters for the forward (weight deltas act on the base layer
+    #: itself, before every output-form delta, as merged ones do).
+    form: ClassVar[str] = "output"
     #: Config variants (keyword arguments) the contract test-suite runs, besides the defaults.
     examples: ClassVar[tuple[Mapping[str, object], ...]] = ({},)
     #: Relative error ‖a − b‖ / ‖b‖ allowed between merged and unmerged outputs (and for
@@ -69,6 +81,8 @@ class Delta(nn.Module):
         self.path = path
         #: The whole config the delta was injected with (set by ``inject``; saved with it).
         self.adapter_config: DeltaConfig = config
+        #: Whether ``forward`` receives the tapped sub-layer input as ``x`` (parallel forms).
+        self.reads_tap = False
 
     # ------------------------------------------------------------------------- to implement
     def reset_parameters(self, base: nn.Module) -> None:
@@ -83,10 +97,12 @@ class Delta(nn.Module):
         return x
 
     def delta_params(self) -> Params:
-        """Additive form ``{param_name: Δ}`` of a mergeable delta, in the native layout (fp32).
+        """Additive form ``{param_name: Δ}`` of a mergeable delta, in the native layout.
 
-        The default ``merged_params`` / ``unmerged_params`` add and subtract these. Methods
-        whose merge is not additive override those two instead.
+        The merge machinery converts the values to fp32; the default ``merged_params`` /
+        ``unmerged_params`` add and subtract them. Methods whose merge is not additive override
+        those two instead. For ``form = "weight"`` deltas this is also the forward: it is then
+        computed with autograd in the delta's dtype and cast to the base parameter's dtype.
         """
         raise NotImplementedError(f"{type(self).__name__} is not mergeable")
 
@@ -99,13 +115,23 @@ class Delta(nn.Module):
         out: Params = {}
         for key, delta in self.delta_params().items():
             if delta is not None:
+                delta = delta.float()
                 out[key] = delta if params.get(key) is None else params[key] + delta
         return out
 
     def unmerged_params(self, params: Params) -> Params:
         """Inverse of ``merged_params``: the parameters before this delta was folded in."""
-        return {key: params[key] - delta for key, delta in self.delta_params().items()
+        return {key: params[key] - delta.float() for key, delta in self.delta_params().items()
                 if delta is not None}
+
+    @classmethod
+    def supports(cls, module: nn.Module, info: LayerInfo, config: DeltaConfig) -> str | None:
+        """``None`` if this method can adapt ``module`` (of a supported kind), else why not.
+
+        Targeting leaves such modules out of a broad selection and reports the reason when an
+        explicit target has nothing else.
+        """
+        return None
 
     @classmethod
     def tolerance_for(cls, config: DeltaConfig) -> Mapping[torch.dtype, float]:

@@ -8,7 +8,13 @@ map added to the output. ``LayerInfo`` provides them for
 
 * ``linear``: ``nn.Linear`` and Hugging Face's ``Conv1D`` (weight stored transposed),
 * ``conv``: ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d`` (``groups=1``),
-* ``embedding``: ``nn.Embedding`` (one-hot input: ``in_dim`` is the vocabulary size).
+* ``embedding``: ``nn.Embedding`` (one-hot input: ``in_dim`` is the vocabulary size),
+* ``norm``: LayerNorm / RMSNorm (torch's and Hugging Face's ``*RMSNorm``, ``T5LayerNorm`` …),
+  GroupNorm and BatchNorm with a per-channel affine ``weight`` (``in_dim == out_dim`` channels).
+
+A target found through a block-level canonical name (``attn``, ``ffn``) also carries a *tap*:
+the module whose input is the block's input, which parallel-form deltas read instead of the
+layer's own input.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ def is_hf_conv1d(module: nn.Module) -> bool:
 class LayerInfo:
     """Shape and geometry of one adaptable base layer."""
 
-    kind: str  # "linear" | "conv" | "embedding"
+    kind: str  # "linear" | "conv" | "embedding" | "norm"
     in_dim: int  # fan-in of the matrix form
     out_dim: int  # output features / channels / embedding size
     transposed: bool = False  # weight stored (in, out) — HF Conv1D
@@ -47,6 +53,8 @@ class LayerInfo:
     pad_for_mode: tuple[int, ...] = ()  # explicit F.pad amounts when padding_mode != "zeros"
     padding_idx: int | None = None
     type_name: str = ""
+    channels_first: bool = False  # norm over dim 1 (BatchNorm, GroupNorm)
+    tap: str | None = None  # logical path of the module whose input is the block's input
 
     # ----------------------------------------------------------------------- weight forms
     @property
@@ -56,6 +64,8 @@ class LayerInfo:
             return (self.in_dim, self.out_dim) if self.transposed else (self.out_dim, self.in_dim)
         if self.kind == "embedding":
             return (self.in_dim, self.out_dim)
+        if self.kind == "norm":
+            return (self.out_dim,)
         in_ch = self.in_dim // math.prod(self.kernel_size)
         return (self.out_dim, in_ch, *self.kernel_size)
 
@@ -77,7 +87,7 @@ class LayerInfo:
 
     def channel_shape(self, ndim: int) -> tuple[int, ...]:
         """Shape that broadcasts a per-output-channel vector against an output of ``ndim`` dims."""
-        if self.kind == "conv":
+        if (self.kind == "conv" or self.channels_first) and ndim > 1:
             return (self.out_dim,) + (1,) * (ndim - 2)
         return (self.out_dim,)
 
@@ -126,6 +136,13 @@ def layer_info(module: nn.Module) -> LayerInfo | None:
             are recognised but not supported yet).
     """
     name = type(module).__name__
+    if _is_norm(module):
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, Tensor) or weight.dim() != 1:
+            return None  # no affine parameters, or a multi-dimensional normalized_shape
+        first = isinstance(module, (nn.GroupNorm, nn.modules.batchnorm._NormBase))
+        return LayerInfo("norm", weight.numel(), weight.numel(), channels_first=first,
+                         type_name=name)
     if isinstance(module, nn.Linear):
         return LayerInfo("linear", module.in_features, module.out_features, type_name=name)
     if is_hf_conv1d(module):
@@ -151,6 +168,27 @@ def layer_info(module: nn.Module) -> LayerInfo | None:
             type_name=name,
         )
     return None
+
+
+_NORM_SUFFIXES = ("LayerNorm", "RMSNorm", "GroupNorm", "BatchNorm1d", "BatchNorm2d",
+                  "BatchNorm3d")
+
+
+def _is_norm(module: nn.Module) -> bool:
+    """Torch normalisation layers and Hugging Face's (``LlamaRMSNorm``, ``T5LayerNorm`` …)."""
+    if isinstance(module, (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm,
+                           nn.modules.batchnorm._NormBase)):
+        return True
+    return type(module).__name__.endswith(_NORM_SUFFIXES)
+
+
+def creatable(module: nn.Module, key: str) -> bool:
+    """Whether a missing ``key`` parameter (a bias) would be used by ``module``'s forward."""
+    if key != "bias":
+        return False
+    return isinstance(module, (nn.Linear, nn.LayerNorm, nn.GroupNorm,
+                               nn.Conv1d, nn.Conv2d, nn.Conv3d,
+                               nn.modules.batchnorm._NormBase)) or is_hf_conv1d(module)
 
 
 def base_params(module: nn.Module) -> dict[str, Tensor | None]:

@@ -63,8 +63,9 @@ def inject(
     spec = get_method(config.method) if config.method else None
     if spec is None or not isinstance(config, spec.config_class):
         raise ConfigError(f"{type(config).__name__} is not a registered method's config")
-    targets = resolve_targets(model, config, spec.delta_class.layer_kinds,
-                              spec.delta_class.default_targets, spec.name)
+    cls = spec.delta_class
+    targets = resolve_targets(model, config, cls.layer_kinds, cls.default_targets, spec.name,
+                              cls.supports)
     return attach(model, config, name, targets, trainable=trainable, init=True)
 
 
@@ -103,7 +104,7 @@ def attach(
                 set_module(model, alias, layer)
         layer.train(layer.base_layer.training)  # new modules follow the model's mode
         delta.train(layer.base_layer.training)
-        layer.add(name, delta)
+        layer.add(name, delta, matcher.modules[info.tap] if delta.reads_tap else None)
         delta.requires_grad_(trainable)
     _freeze_base(model)
     activate(model, [*active_adapters(model), name])

@@ -5,10 +5,15 @@ is untouched and calls the wrapper exactly where it called the layer. Attribute 
 does not answer itself (``weight``, ``in_features`` …) fall through to the base layer, so model
 code that inspects its layers keeps working.
 
-Forward semantics. Active deltas apply in activation order, each one transforming the layer
-function: a delta ``d`` turns ``f`` into ``x ↦ d.forward(x', f(x'))`` with ``x' = d.pre(x)``.
-Merged deltas live in the base weights and come first. Additive deltas therefore simply sum,
-and the unmerged forward always equals the merged one.
+Forward semantics. Merged deltas live in the base weights; active weight-form deltas add their
+``Δθ`` to the base parameters for the call (so they too act on the base layer itself). Active
+output-form deltas then apply in activation order, each one transforming the layer function: a
+delta ``d`` turns ``f`` into ``x ↦ d.forward(x', f(x'))`` with ``x' = d.pre(x)``. Additive deltas
+therefore simply sum, and the unmerged forward always equals the merged one.
+
+Taps. A delta whose target was found through a sub-layer name (``ffn``) may read the sub-layer's
+input instead of the layer's (``Delta.reads_tap``): a forward pre-hook on the tap module keeps a
+reference to that input for the layer's next call.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from .delta import Delta
 from .geometry import LayerInfo
@@ -43,17 +49,53 @@ class DeltaLayer(nn.Module):
         self.created: dict[str, list[str]] = {}
         self.disabled = False
         self._plan: tuple[Delta, ...] = ()
-        self._post_only = True
+        self._weight_plan: tuple[Delta, ...] = ()
+        self._simple = True
+        #: Tap path -> [hook handle, number of deltas using it]; tapped inputs by path.
+        self._taps: dict[str, list] = {}
+        self._tapped: dict[str, Tensor] = {}
+        self._live_taps: frozenset[str] = frozenset()
 
     # ----------------------------------------------------------------------------- state
-    def add(self, name: str, delta: Delta) -> None:
-        """Attach ``delta`` under ``name`` (inactive until ``set_active``)."""
+    def add(self, name: str, delta: Delta, tap_module: nn.Module | None = None) -> None:
+        """Attach ``delta`` under ``name`` (inactive until ``set_active``).
+
+        ``tap_module`` is the module at ``delta.info.tap`` when the delta reads a tap.
+        """
+        if delta.reads_tap:
+            tap = delta.info.tap
+            if tap not in self._taps:
+                handle = tap_module.register_forward_pre_hook(self._make_tap_hook(tap),
+                                                              with_kwargs=True)
+                self._taps[tap] = [handle, 0]
+            self._taps[tap][1] += 1
         self.deltas[name] = delta
 
     def remove(self, name: str) -> None:
         """Detach the delta ``name`` (it must not be merged)."""
+        delta = self.deltas[name]
         del self.deltas[name]
+        if delta.reads_tap:
+            entry = self._taps[delta.info.tap]
+            entry[1] -= 1
+            if entry[1] == 0:
+                entry[0].remove()
+                del self._taps[delta.info.tap]
+                self._tapped.pop(delta.info.tap, None)
         self.set_active(n for n in self.active if n != name)
+
+    def release(self) -> None:
+        """Remove every tap hook (the layer is being unwrapped)."""
+        for handle, _ in self._taps.values():
+            handle.remove()
+        self._taps.clear()
+        self._tapped.clear()
+
+    def _make_tap_hook(self, tap: str):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if tap in self._live_taps and not self.disabled:
+                self._tapped[tap] = args[0] if args else kwargs.get("hidden_states")
+        return hook
 
     def set_active(self, names: Iterable[str]) -> None:
         """Make ``names`` (those this layer holds) the active ones, in that order."""
@@ -63,28 +105,62 @@ class DeltaLayer(nn.Module):
     def refresh(self) -> None:
         """Recompute the forward plan after a change of active or merged deltas."""
         merged = set(self.merged)
-        self._plan = tuple(self.deltas[n] for n in self.active if n not in merged)
-        self._post_only = not any(d.transforms_input for d in self._plan)
+        live = [self.deltas[n] for n in self.active if n not in merged]
+        self._weight_plan = tuple(d for d in live if d.form == "weight")
+        self._plan = tuple(d for d in live if d.form != "weight")
+        self._live_taps = frozenset(d.info.tap for d in self._plan if d.reads_tap)
+        self._simple = not self._weight_plan and not self._live_taps and not any(
+            d.transforms_input for d in self._plan)
 
     # ----------------------------------------------------------------------------- forward
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
         plan = self._plan
-        if not plan or self.disabled:
+        if self.disabled or not (plan or self._weight_plan):
             return self.base_layer(x, *args, **kwargs)
-        if self._post_only:
+        if self._simple:
             y = self.base_layer(x, *args, **kwargs)
             for delta in plan:
                 y = delta.forward(x, y)
             return y
-        return self._compose(len(plan), x, args, kwargs)
+        try:
+            return self._compose(len(plan), x, args, kwargs)
+        finally:
+            self._tapped.clear()  # never keep activations alive past the call
 
     def _compose(self, n: int, x: Tensor, args: tuple, kwargs: dict) -> Any:
         if n == 0:
-            return self.base_layer(x, *args, **kwargs)
+            return self._base(x, args, kwargs)
         delta = self._plan[n - 1]
         if delta.transforms_input:
             x = delta.pre(x)
-        return delta.forward(x, self._compose(n - 1, x, args, kwargs))
+        y = self._compose(n - 1, x, args, kwargs)
+        return delta.forward(self._tap_input(delta) if delta.reads_tap else x, y)
+
+    def _base(self, x: Tensor, args: tuple, kwargs: dict) -> Any:
+        """The base layer, run with the active weight-form deltas added to its parameters."""
+        if not self._weight_plan:
+            return self.base_layer(x, *args, **kwargs)
+        base = self.base_layer
+        new: dict[str, Tensor] = {}
+        for delta in self._weight_plan:
+            for key, value in delta.delta_params().items():
+                if value is None:
+                    continue
+                current = new.get(key, getattr(base, key, None))
+                if isinstance(current, Tensor):
+                    new[key] = current + value.to(current.dtype)
+                else:
+                    new[key] = value.to(x.dtype if x.is_floating_point() else value.dtype)
+        return functional_call(base, new, (x, *args), kwargs, strict=False)
+
+    def _tap_input(self, delta: Delta) -> Tensor:
+        value = self._tapped.get(delta.info.tap)
+        if value is None:
+            raise RuntimeError(
+                f"{delta.path}: the sub-layer input tapped at {delta.info.tap!r} was not seen "
+                f"before this layer ran; the model does not call {delta.info.tap!r} before "
+                f"{delta.path!r}, so target the layer itself instead of its sub-layer name")
+        return value
 
     # ----------------------------------------------------------------------------- access
     def __getattr__(self, name: str) -> Any:

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from .config import DeltaConfig
 from .delta import Delta, Params
 from .errors import AdapterNameError, MergeError, StateError
+from .geometry import creatable
 from .layers import DeltaLayer
 
 
@@ -210,6 +211,7 @@ def _unwrap(model: nn.Module, path: str, layer: DeltaLayer) -> None:
     from .inject import set_module
     from .targeting import walk
 
+    layer.release()
     for alias in [name for name, m in walk(model) if m is layer]:
         set_module(model, alias, layer.base_layer)
 
@@ -272,12 +274,19 @@ def _params32(layer: DeltaLayer) -> Params:
     return out
 
 
+@torch.no_grad()
 def _fold(path: str, layer: DeltaLayer, names: list[str], *, write: bool, check: bool) -> None:
     params = _params32(layer)
     for name in names:
         new = layer.deltas[name].merged_params(params)
         if check:
             _check_finite(path, name, new, "merging")
+            for key in new:
+                if params.get(key) is None and not creatable(layer.base_layer, key):
+                    raise MergeError(
+                        f"merging {name!r} into {path} needs a {key!r} parameter, which "
+                        f"{type(layer.base_layer).__name__} does not have and would ignore; "
+                        "keep this delta unmerged")
         if write:
             created = [k for k in new if params.get(k) is None]
             if created:
@@ -289,6 +298,7 @@ def _fold(path: str, layer: DeltaLayer, names: list[str], *, write: bool, check:
         layer.refresh()
 
 
+@torch.no_grad()
 def _unfold(path: str, layer: DeltaLayer, names: list[str], *, write: bool) -> None:
     params = _params32(layer)
     for name in reversed(names):

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import hashlib
 import json
 import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -89,14 +90,18 @@ def adapter_tensors(model: nn.Module, name: str) -> dict[str, Tensor]:
     return out
 
 
-def fingerprint(model: nn.Module, paths: list[str], *, hash_weights: bool = False) -> dict:
-    """Architecture, targeted modules' types and weight shapes, and optionally a weight hash."""
+def fingerprint(model: nn.Module, paths: list[str], *, hash_weights: bool = False,
+                taps: Mapping[str, str | None] | None = None) -> dict:
+    """Architecture, targeted modules' types and weight shapes (and sub-layer taps), and
+    optionally a weight hash."""
     matcher = Matcher(model)
     modules = {}
     for p in paths:
         info = matcher.info(p)
         modules[p] = {"type": type(matcher.modules[p]).__name__,
                       "shape": list(info.weight_shape) if info else None}
+        if taps and taps.get(p):
+            modules[p]["tap"] = taps[p]
     config = getattr(model, "config", None)
     out: dict[str, Any] = {
         "architecture": type(model).__name__,
@@ -137,7 +142,8 @@ def _save_one(model: nn.Module, directory: Path, name: str, hash_base: bool) -> 
             "deltatune_version": __version__,
             "name": name,
             "config": config.to_dict(),
-            "base": fingerprint(model, paths, hash_weights=hash_base),
+            "base": fingerprint(model, paths, hash_weights=hash_base,
+                                taps={p: layers[p].deltas[name].info.tap for p in paths}),
             "weights_sha256": _file_sha256(weights),
         }
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
@@ -348,6 +354,12 @@ def _check_fingerprint(model: nn.Module, base: dict, directory: Path) -> dict:
             raise ShapeMismatchError(
                 f"module {path!r} has weight shape {shape} here but {saved.get('shape')} in the "
                 f"saved delta ({directory}); it was made for another base model")
+        tap = saved.get("tap")
+        if tap is not None:
+            if tap not in matcher.modules:
+                raise ShapeMismatchError(f"the delta in {directory} reads the input of {tap!r}, "
+                                         f"which this {type(model).__name__} does not have")
+            info = dataclasses.replace(info, tap=tap)
         targets[path] = info
     if not targets:
         raise AdapterFileError(f"{directory / CONFIG_FILE} lists no adapted modules")

@@ -5,7 +5,8 @@ Syntax (shared by ``targets``, ``exclude`` and ``overrides`` keys):
 * a list entry matches whole dotted-name suffixes: ``"q_proj"`` and ``"self_attn.q_proj"`` match
   ``model.layers.0.self_attn.q_proj``; ``"proj"`` does not;
 * a list entry that is a canonical name (``"attn.q"``, ``"ffn.down"`` …) goes through the
-  model's structure map;
+  model's structure map; a sub-layer name (``"attn"``, ``"ffn"``) selects the sub-layer's
+  output projection and records the sub-layer's input as its tap;
 * a string (not a list) is a regular expression that must match the whole module name;
 * ``"all-linear"`` is every Linear / HF Conv1D layer except the output head.
 
@@ -14,9 +15,10 @@ Module names are *logical*: the names of the unmodified model, whatever wrappers
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from torch import nn
@@ -25,7 +27,9 @@ from .config import DeltaConfig
 from .errors import TargetError
 from .geometry import LayerInfo, layer_info
 from .layers import DeltaLayer
-from .structures import CANONICAL_NAMES, StructureMap, structure_for
+from .structures import BLOCK_NAMES, CANONICAL_NAMES, StructureMap, structure_for
+
+_CANONICAL = frozenset(CANONICAL_NAMES) | frozenset(BLOCK_NAMES)
 
 ALL_LINEAR = "all-linear"
 #: Top-level children treated as task heads and left out of "all-linear".
@@ -106,7 +110,7 @@ class Matcher:
     # ----------------------------------------------------------------------- matching
     def entry_matches(self, name: str, entry: str) -> bool:
         """Whether list entry ``entry`` (suffix or canonical name) matches module ``name``."""
-        if entry in CANONICAL_NAMES:
+        if entry in _CANONICAL:
             if self.structure is None:
                 raise TargetError(
                     f"{entry!r} is a canonical name, but {type(self.model).__name__} has no "
@@ -142,7 +146,7 @@ class Matcher:
         out = []
         for entry in spec:
             hits = [n for n in self.names if self.entry_matches(n, entry)]
-            if not hits and entry in CANONICAL_NAMES:
+            if not hits and entry in _CANONICAL:
                 raise TargetError(f"{field} entry {entry!r}: this {self.structure.family} model "
                                   f"has no {entry!r} layer (e.g. a non-gated FFN has no "
                                   f"ffn.gate); canonical names present: {self.present()}")
@@ -152,12 +156,29 @@ class Matcher:
             out.append(hits)
         return out
 
+    def matches(self, name: str, spec: Sequence[str] | str) -> bool:
+        """Whether module ``name`` is selected by ``spec`` (a list of entries or a regex)."""
+        if isinstance(spec, str):
+            return re.fullmatch(spec, name) is not None
+        return any(self.entry_matches(name, entry) for entry in spec)
+
     def present(self) -> list[str]:
         """Canonical names that match at least one module of this model."""
         if self.structure is None:
             return []
-        return [c for c, paths in self.structure.names.items()
-                if paths and any(p.relative in paths for p in self._positions.values())]
+        relative = {p.relative for p in self._positions.values()}
+        names = {**self.structure.names,
+                 **{c: tuple(out for _, out in pairs)
+                    for c, pairs in self.structure.blocks.items()}}
+        return [c for c, paths in names.items() if paths and relative & set(paths)]
+
+    def tap(self, name: str, entry: str) -> str | None:
+        """The tap (full path) if ``entry`` is a sub-layer name matching module ``name``."""
+        if entry not in BLOCK_NAMES or self.structure is None:
+            return None
+        pos = self._positions[name]
+        tap = self.structure.tap(entry, pos.relative)
+        return f"{pos.blocks}.{pos.index}.{tap}" if tap is not None else None
 
     def canonical(self, name: str) -> str:
         """The first path of the module object at ``name`` (aliases share one delta)."""
@@ -211,6 +232,7 @@ def resolve_targets(
     kinds: frozenset[str],
     default: Sequence[str] | str,
     method: str,
+    supports: Callable[[nn.Module, LayerInfo, DeltaConfig], str | None] = lambda *_: None,
 ) -> dict[str, LayerInfo]:
     """The modules ``config`` selects in ``model`` that the method can adapt, in model order.
 
@@ -220,6 +242,8 @@ def resolve_targets(
         kinds: layer kinds the method supports.
         default: targets to use when ``config.targets`` is None.
         method: method name, for messages.
+        supports: the method's per-module check (``Delta.supports``): ``None`` if it can adapt
+            the module, else the reason it cannot.
 
     Returns:
         ``{module_name: LayerInfo}``.
@@ -232,10 +256,19 @@ def resolve_targets(
     spec = config.targets if config.targets is not None else default
     chosen: dict[str, LayerInfo] = {}
     for entry, hits in zip(_entries(spec), matcher.select(spec, "targets"), strict=True):
-        ok = [n for n in hits if (i := matcher.info(n)) is not None and i.kind in kinds]
+        ok = [n for n in hits if (i := matcher.info(n)) is not None and i.kind in kinds
+              and supports(matcher.modules[n], i, config) is None]
         if not ok:
-            raise TargetError(_unadaptable(matcher, entry, hits, kinds, method))
-        chosen.update((matcher.canonical(n), matcher.info(n)) for n in ok)
+            raise TargetError(_unadaptable(matcher, entry, hits, kinds, method, supports,
+                                           config))
+        for n in ok:
+            info = matcher.info(n)
+            tap = matcher.tap(n, entry)
+            if tap is not None:
+                info = dataclasses.replace(info, tap=matcher.canonical(tap))
+            elif (old := chosen.get(matcher.canonical(n))) is not None:
+                info = old  # keep a tap found through an earlier entry
+            chosen[matcher.canonical(n)] = info
 
     if config.layers is not None:
         chosen = _filter_layers(matcher, chosen, list(config.layers))
@@ -253,15 +286,21 @@ def resolve_targets(
 
 def module_config(model_or_matcher: nn.Module | Matcher, config: DeltaConfig,
                   name: str) -> DeltaConfig:
-    """``config`` with the first matching ``overrides`` entry for module ``name`` applied."""
-    if not config.overrides:
+    """``config`` as module ``name`` sees it: the first matching ``overrides`` entry applied,
+    and every ``module_sets`` field resolved to whether it names this module."""
+    sets = {f: getattr(config, f) for f in config.module_sets
+            if not isinstance(getattr(config, f), bool)}
+    if not config.overrides and not sets:
         return config
     matcher = (model_or_matcher if isinstance(model_or_matcher, Matcher)
                else Matcher(model_or_matcher))
-    for key, values in config.overrides.items():
+    changes: dict = {f: spec is not None and matcher.matches(name, spec)
+                     for f, spec in sets.items()}
+    for key, values in (config.overrides or {}).items():
         if matcher.entry_matches(name, key):
-            return config.replace(overrides=None, **values)
-    return config.replace(overrides=None)
+            changes.update(values)
+            break
+    return config.replace(overrides=None, **changes)
 
 
 def _fused_children(module: nn.Module) -> list[tuple[str, str]]:
@@ -273,7 +312,7 @@ def _fused_children(module: nn.Module) -> list[tuple[str, str]]:
         return [("out_proj", "nn.MultiheadAttention reads out_proj.weight directly")]
     if isinstance(module, nn.TransformerEncoderLayer):
         why = "nn.TransformerEncoderLayer's fused inference path reads its weights directly"
-        return [("linear1", why), ("linear2", why)]
+        return [(child, why) for child in ("linear1", "linear2", "norm1", "norm2")]
     return []
 
 
@@ -282,7 +321,7 @@ def _entries(spec: Sequence[str] | str) -> list[str]:
 
 
 def _unadaptable(matcher: Matcher, entry: str, hits: list[str], kinds: frozenset[str],
-                 method: str) -> str:
+                 method: str, supports: Callable, config: DeltaConfig) -> str:
     if not hits:
         return (f"targets={entry!r} found no Linear / HF Conv1D layer outside the output head "
                 f"in {type(matcher.model).__name__}; name the modules to adapt instead")
@@ -295,11 +334,18 @@ def _unadaptable(matcher: Matcher, entry: str, hits: list[str], kinds: frozenset
             layer_info(matcher.modules[name])
         except TargetError as exc:
             return f"targets entry {entry!r} matches {name!r}, which cannot be adapted: {exc}"
+    for name in hits:
+        info = matcher.info(name)
+        if info is not None and info.kind in kinds:
+            why = supports(matcher.modules[name], info, config)
+            if why:
+                return (f"targets entry {entry!r} matches {name!r}, which {method} cannot "
+                        f"adapt: {why}")
     types = sorted({type(matcher.modules[n]).__name__ for n in hits})
     return (f"targets entry {entry!r} matches only modules {method!r} cannot adapt "
             f"({', '.join(types)}; e.g. {hits[0]!r}); {method} adapts layer kinds "
             f"{sorted(kinds)} (linear: Linear / HF Conv1D; conv: Conv1d/2d/3d; embedding: "
-            "Embedding)")
+            "Embedding; norm: LayerNorm / RMSNorm / GroupNorm / BatchNorm with affine weights)")
 
 
 def _filter_layers(matcher: Matcher, chosen: dict[str, LayerInfo],
@@ -332,3 +378,13 @@ def _check_overrides(matcher: Matcher, config: DeltaConfig, chosen: dict[str, La
         if not any(matcher.entry_matches(n, key) for n in chosen):
             raise TargetError(f"overrides key {key!r} matches none of the targeted modules "
                               f"(e.g. {list(chosen)[:3]}); check the spelling")
+    for field in config.module_sets:
+        spec = getattr(config, field)
+        if spec is None or isinstance(spec, bool):
+            continue
+        for entry in _entries(spec):
+            if not any(matcher.matches(n, entry if isinstance(spec, str) else [entry])
+                       for n in chosen):
+                raise TargetError(f"{field} entry {entry!r} matches none of the targeted "
+                                  f"modules (e.g. {list(chosen)[:3]}); it must name a subset "
+                                  "of targets")
