@@ -281,6 +281,7 @@ def test_trainable_count_matches_formula(pair):
     matcher = Matcher(model)
     formula = sum(cls.num_trainable(matcher.info(p), module_config(matcher, config, p))
                   for p in config.targets)
+    formula += cls.num_shared(config, {p: matcher.info(p) for p in config.targets})
     dt.inject(model, config, name="a")
     counted = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert counted == formula == predicted.params == dt.summary(model).trainable_params

@@ -71,7 +71,7 @@ def summary(model: nn.Module) -> Summary:
     rows = []
     for name, config in adapters(model).items():
         deltas = [layer.deltas[name] for layer in layers if name in layer.deltas]
-        params = [p for d in deltas for p in d.parameters()]
+        params = list({id(p): p for d in deltas for p in d.parameters()}.values())
         rows.append(AdapterRow(
             name=name, method=config.method, active=name in active, merged=name in merged,
             modules=len(deltas), params=sum(p.numel() for p in params),
@@ -104,20 +104,22 @@ def cost(model: nn.Module, config: DeltaConfig) -> Cost:
     Raises:
         TargetError / ConfigError: as ``inject`` would.
     """
-    from .inject import build_delta
+    from .inject import build_delta, build_shared
 
     spec = get_method(config.method)
     cls = spec.delta_class
     targets = resolve_targets(model, config, cls.layer_kinds, cls.default_targets, spec.name,
                               cls.supports)
     matcher = Matcher(model)
-    params = nbytes = 0
+    shared = build_shared(cls, config, targets, matcher, device="meta")
+    unique_new = {}
     for path, info in targets.items():
         delta = build_delta(cls, matcher.modules[path], info,
-                            module_config(matcher, config, path), path, device="meta")
-        for p in delta.parameters():
-            params += p.numel()
-            nbytes += p.numel() * p.element_size()
+                            module_config(matcher, config, path), path, device="meta",
+                            shared=shared)
+        unique_new.update((id(p), p) for p in delta.parameters())
+    params = sum(p.numel() for p in unique_new.values())
+    nbytes = sum(p.numel() * p.element_size() for p in unique_new.values())
     unique = {id(p): p for p in model.parameters()}.values()
     own = {id(p) for layer in delta_layers(model).values() for p in layer.deltas.parameters()}
     base = sum(p.numel() for p in unique if id(p) not in own)

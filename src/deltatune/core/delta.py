@@ -64,6 +64,9 @@ class Delta(nn.Module):
     #: added to the base parameters for the forward (weight deltas act on the base layer
     #: itself, before every output-form delta, as merged ones do).
     form: ClassVar[str] = "output"
+    #: Whether ``forward`` reads the base output ``y`` beyond adding to it (sequential forms:
+    #: ``y + f(y)``); such deltas see the same base output when several are summed.
+    reads_output: ClassVar[bool] = False
     #: Config variants (keyword arguments) the contract test-suite runs, besides the defaults.
     examples: ClassVar[tuple[Mapping[str, object], ...]] = ({},)
     #: Relative error ‖a − b‖ / ‖b‖ allowed between merged and unmerged outputs (and for
@@ -91,6 +94,13 @@ class Delta(nn.Module):
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
         """The layer output with this delta applied, given the layer input and base output."""
         return y
+
+    def effect(self, x: Tensor, y: Tensor) -> Tensor:
+        """What this delta adds to output ``y`` (used when deltas are summed or weighted).
+
+        The default is ``forward(x, y) - y``; additive methods return their term directly.
+        """
+        return self.forward(x, y) - y
 
     def pre(self, x: Tensor) -> Tensor:
         """The layer input with this delta applied (only if ``transforms_input``)."""
@@ -123,6 +133,23 @@ class Delta(nn.Module):
         """Inverse of ``merged_params``: the parameters before this delta was folded in."""
         return {key: params[key] - delta.float() for key, delta in self.delta_params().items()
                 if delta is not None}
+
+    @classmethod
+    def build_shared(cls, config: DeltaConfig,
+                     targets: Mapping[str, LayerInfo]) -> nn.Module | None:
+        """Parameters shared by all of one adapter's deltas (e.g. Compacter's slow weights).
+
+        Built once per ``inject`` / ``load``, in fp32 on the model's device; its
+        ``reset_parameters()`` (if any) initialises it, then it is cast like the deltas and set
+        as every delta's ``shared`` submodule before their own ``reset_parameters``. Shared
+        tensors are counted once and saved once (under the first module's path).
+        """
+        return None
+
+    @classmethod
+    def num_shared(cls, config: DeltaConfig, targets: Mapping[str, LayerInfo]) -> int:
+        """The method's formula for the trainable parameters in ``build_shared``'s module."""
+        return 0
 
     @classmethod
     def supports(cls, module: nn.Module, info: LayerInfo, config: DeltaConfig) -> str | None:

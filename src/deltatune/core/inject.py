@@ -13,7 +13,7 @@ from .delta import Delta
 from .errors import AdapterNameError, ConfigError, TargetError
 from .geometry import LayerInfo
 from .layers import DeltaLayer
-from .lifecycle import activate, active_adapters, adapters, delta_layers
+from .lifecycle import activate, active_adapters, adapters, combination, delta_layers
 from .registry import get_method
 from .targeting import Matcher, module_config, resolve_targets, walk
 
@@ -88,12 +88,14 @@ def attach(
                                "or delete it first with deltatune.delete(model, name)")
     cls: type[Delta] = get_method(config.method).delta_class
     matcher = Matcher(model)
+    shared = build_shared(cls, config, targets, matcher, init=init)
     built = []
     for path, info in targets.items():
         base = matcher.modules[path]
         built.append((path, info, build_delta(cls, base, info,
                                               module_config(matcher, config, path), path,
-                                              init=init)))
+                                              init=init, shared=shared)))
+    mode = combination(model)
     layers = delta_layers(model)
     for path, info, delta in built:
         delta.adapter_config = config
@@ -107,17 +109,50 @@ def attach(
         layer.add(name, delta, matcher.modules[info.tap] if delta.reads_tap else None)
         delta.requires_grad_(trainable)
     _freeze_base(model)
-    activate(model, [*active_adapters(model), name])
+    if isinstance(mode, dict):  # keep the weights; the new delta joins at weight 1
+        activate(model, [*active_adapters(model), name], weights={**mode, name: 1.0})
+    else:
+        activate(model, [*active_adapters(model), name], combine=mode)
     return model
 
 
 def build_delta(cls: type[Delta], base: nn.Module, info: LayerInfo, config: DeltaConfig,
-                path: str, *, init: bool = True, device: torch.device | str | None = None) -> Delta:
+                path: str, *, init: bool = True, device: torch.device | str | None = None,
+                shared: nn.Module | None = None) -> Delta:
     """One delta for ``base``, on its device (or ``device``) and in the config's dtype.
 
     Parameters are created and initialised in fp32 (the same random stream whatever the final
     dtype), then cast. On the ``meta`` device nothing is initialised (used by ``cost``).
+    ``shared`` (from ``build_shared``) becomes the delta's ``shared`` submodule.
     """
+    dtype, device = _placement(base, config, path, device)
+    with torch.device(device):
+        delta = cls(info, config, path)
+    if shared is not None:
+        delta.shared = shared
+    if init and device.type != "meta":
+        delta.reset_parameters(base)
+    return delta.to(dtype=dtype)
+
+
+def build_shared(cls: type[Delta], config: DeltaConfig, targets: Mapping[str, LayerInfo],
+                 matcher: Matcher, *, init: bool = True,
+                 device: torch.device | str | None = None) -> nn.Module | None:
+    """The adapter-wide shared module of ``cls`` (``None`` for most methods), placed like the
+    deltas on the first target's device and dtype, initialised in fp32 then cast."""
+    first = next(iter(targets))
+    dtype, device = _placement(matcher.modules[first], config, first, device)
+    with torch.device(device):
+        shared = cls.build_shared(config, targets)
+    if shared is None:
+        return None
+    if init and device.type != "meta" and hasattr(shared, "reset_parameters"):
+        shared.reset_parameters()
+    return shared.to(dtype=dtype)
+
+
+def _placement(base: nn.Module, config: DeltaConfig, path: str,
+               device: torch.device | str | None) -> tuple[torch.dtype, torch.device]:
     weight = next(base.parameters(), None)
     if weight is None:
         raise TargetError(f"{path!r} has no parameters to take a device and dtype from")
@@ -125,12 +160,7 @@ def build_delta(cls: type[Delta], base: nn.Module, info: LayerInfo, config: Delt
     if not dtype.is_floating_point:
         raise ConfigError(f"{path!r} has {weight.dtype} weights; set dtype= in the config "
                           "to choose the delta's floating-point dtype")
-    device = torch.device(device) if device is not None else weight.device
-    with torch.device(device):
-        delta = cls(info, config, path)
-    if init and device.type != "meta":
-        delta.reset_parameters(base)
-    return delta.to(dtype=dtype)
+    return dtype, torch.device(device) if device is not None else weight.device
 
 
 def _freeze_base(model: nn.Module) -> None:

@@ -7,9 +7,20 @@ code that inspects its layers keeps working.
 
 Forward semantics. Merged deltas live in the base weights; active weight-form deltas add their
 ``Δθ`` to the base parameters for the call (so they too act on the base layer itself). Active
-output-form deltas then apply in activation order, each one transforming the layer function: a
-delta ``d`` turns ``f`` into ``x ↦ d.forward(x', f(x'))`` with ``x' = d.pre(x)``. Additive deltas
-therefore simply sum, and the unmerged forward always equals the merged one.
+output-form deltas then apply in activation order: input-position deltas rewrite the input
+(``x' = d.pre(x)``, outermost first), and each delta turns the output ``y`` into
+``d.forward(x', y)``. How several deltas combine (``combine``):
+
+* ``"sum"`` (default): deltas that read the layer output (sequential forms, ``reads_output``)
+  all see the same base output and their effects add; every other delta simply applies in
+  order — for additive deltas (LoRA …) that is the sum, for scaling deltas (IA3, SSF) the
+  product, exactly what merging them gives;
+* ``"stack"``: every delta applies to the output of the previous one (sequential adapters
+  stacked, as in AdapterHub's ``Stack``);
+* weights ``(w_1, …)``: ``y = y_0 + Σ w_i · effect_i`` over additive-composition deltas (a
+  weighted average when the weights sum to one).
+
+The unmerged forward equals the merged one for every combination that can be merged.
 
 Taps. A delta whose target was found through a sub-layer name (``ffn``) may read the sub-layer's
 input instead of the layer's (``Delta.reads_tap``): a forward pre-hook on the tap module keeps a
@@ -55,6 +66,9 @@ class DeltaLayer(nn.Module):
         self._taps: dict[str, list] = {}
         self._tapped: dict[str, Tensor] = {}
         self._live_taps: frozenset[str] = frozenset()
+        #: "sum", "stack", or one weight per active name (see the module docstring).
+        self.combine: str | tuple[float, ...] = "sum"
+        self._weights: tuple[float, ...] | None = None
 
     # ----------------------------------------------------------------------------- state
     def add(self, name: str, delta: Delta, tap_module: nn.Module | None = None) -> None:
@@ -97,20 +111,45 @@ class DeltaLayer(nn.Module):
                 self._tapped[tap] = args[0] if args else kwargs.get("hidden_states")
         return hook
 
-    def set_active(self, names: Iterable[str]) -> None:
-        """Make ``names`` (those this layer holds) the active ones, in that order."""
+    def set_active(self, names: Iterable[str],
+                   combine: str | tuple[float, ...] | None = None) -> None:
+        """Make ``names`` (those this layer holds) the active ones, in that order.
+
+        ``combine`` is "sum", "stack" or one weight per name in ``names`` (``None``: keep the
+        current mode, falling back to "sum" if it was a weight list).
+        """
+        names = list(names)
+        if combine is None:
+            combine = self.combine if isinstance(self.combine, str) else "sum"
+        if not isinstance(combine, str):
+            by_name = dict(zip(names, combine, strict=True))
+            combine = tuple(by_name[n] for n in names if n in self.deltas)
         self.active = tuple(n for n in names if n in self.deltas)
+        self.combine = combine
         self.refresh()
+
+    def weight_of(self, name: str) -> float:
+        """The combination weight of active delta ``name`` (1 unless weights were set)."""
+        if isinstance(self.combine, str):
+            return 1.0
+        return self.combine[self.active.index(name)]
 
     def refresh(self) -> None:
         """Recompute the forward plan after a change of active or merged deltas."""
         merged = set(self.merged)
-        live = [self.deltas[n] for n in self.active if n not in merged]
-        self._weight_plan = tuple(d for d in live if d.form == "weight")
-        self._plan = tuple(d for d in live if d.form != "weight")
+        live = [n for n in self.active if n not in merged]
+        self._weight_plan = tuple((self.deltas[n], self.weight_of(n)) for n in live
+                                  if self.deltas[n].form == "weight")
+        out = [n for n in live if self.deltas[n].form != "weight"]
+        self._plan = tuple(self.deltas[n] for n in out)
+        self._weights = (tuple(self.weight_of(n) for n in out)
+                         if not isinstance(self.combine, str) else None)
         self._live_taps = frozenset(d.info.tap for d in self._plan if d.reads_tap)
-        self._simple = not self._weight_plan and not self._live_taps and not any(
-            d.transforms_input for d in self._plan)
+        sum_needed = (self.combine == "sum"
+                      and sum(d.reads_output for d in self._plan) > 1)
+        self._simple = not (self._weight_plan or self._live_taps or sum_needed
+                            or self._weights is not None
+                            or any(d.transforms_input for d in self._plan))
 
     # ----------------------------------------------------------------------------- forward
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
@@ -123,18 +162,29 @@ class DeltaLayer(nn.Module):
                 y = delta.forward(x, y)
             return y
         try:
-            return self._compose(len(plan), x, args, kwargs)
+            return self._compose(x, args, kwargs)
         finally:
             self._tapped.clear()  # never keep activations alive past the call
 
-    def _compose(self, n: int, x: Tensor, args: tuple, kwargs: dict) -> Any:
-        if n == 0:
-            return self._base(x, args, kwargs)
-        delta = self._plan[n - 1]
-        if delta.transforms_input:
-            x = delta.pre(x)
-        y = self._compose(n - 1, x, args, kwargs)
-        return delta.forward(self._tap_input(delta) if delta.reads_tap else x, y)
+    def _compose(self, x: Tensor, args: tuple, kwargs: dict) -> Any:
+        plan = self._plan
+        inputs = [x] * len(plan)  # the input each delta sees: after its own and later pre()s
+        for i in range(len(plan) - 1, -1, -1):
+            if plan[i].transforms_input:
+                x = plan[i].pre(x)
+            inputs[i] = x
+        y0 = y = self._base(x, args, kwargs)
+        weights = self._weights
+        summed = self.combine == "sum"
+        for i, delta in enumerate(plan):
+            xi = self._tap_input(delta) if delta.reads_tap else inputs[i]
+            if weights is not None:
+                y = y + weights[i] * delta.effect(xi, y0)
+            elif summed and delta.reads_output:
+                y = y + delta.effect(xi, y0)
+            else:
+                y = delta.forward(xi, y)
+        return y
 
     def _base(self, x: Tensor, args: tuple, kwargs: dict) -> Any:
         """The base layer, run with the active weight-form deltas added to its parameters."""
@@ -142,10 +192,12 @@ class DeltaLayer(nn.Module):
             return self.base_layer(x, *args, **kwargs)
         base = self.base_layer
         new: dict[str, Tensor] = {}
-        for delta in self._weight_plan:
+        for delta, weight in self._weight_plan:
             for key, value in delta.delta_params().items():
                 if value is None:
                     continue
+                if weight != 1.0:
+                    value = weight * value
                 current = new.get(key, getattr(base, key, None))
                 if isinstance(current, Tensor):
                     new[key] = current + value.to(current.dtype)
@@ -173,4 +225,6 @@ class DeltaLayer(nn.Module):
 
     def extra_repr(self) -> str:
         merged = f", merged={self.merged}" if self.merged else ""
+        if self.combine != "sum":
+            merged += f", combine={self.combine}"
         return f"active={list(self.active)}{merged}"

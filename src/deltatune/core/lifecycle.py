@@ -7,16 +7,18 @@ so there is no second registry to fall out of sync.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Sequence
+import math
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .config import DeltaConfig
 from .delta import Delta, Params
-from .errors import AdapterNameError, MergeError, StateError
+from .errors import AdapterNameError, ConfigError, MergeError, StateError
 from .geometry import creatable
 from .layers import DeltaLayer
+from .registry import get_method
 
 
 def delta_layers(model: nn.Module) -> dict[str, DeltaLayer]:
@@ -68,22 +70,77 @@ def _names(model: nn.Module, names: str | Iterable[str] | None, default: list[st
     return names
 
 
-def activate(model: nn.Module, names: str | Sequence[str]) -> None:
+def activate(model: nn.Module, names: str | Sequence[str], *, combine: str = "sum",
+             weights: Sequence[float] | Mapping[str, float] | None = None) -> None:
     """Make exactly ``names`` active, in that order (an empty list deactivates all).
+
+    Args:
+        model: a model with deltas.
+        names: the deltas to activate, in order.
+        combine: how deltas on one layer combine: ``"sum"`` (sequential forms all read the
+            base output and their effects add; other deltas apply in order, which sums
+            additive deltas and multiplies scaling ones, as merging does) or ``"stack"``
+            (each delta applies to the previous one's output).
+        weights: one weight per name (a list in ``names`` order, or a mapping): the output is
+            the base output plus the weighted sum of the deltas' effects (weights summing to
+            one give a weighted average). Only for additive-composition deltas.
 
     Raises:
         AdapterNameError: an unknown name.
-        StateError: a merged delta would be deactivated (its effect is in the weights).
+        ConfigError: a bad ``combine`` or ``weights``.
+        StateError: a merged delta would be deactivated (its effect is in the weights), or
+            weights are set while deltas are merged.
     """
     names = _names(model, names, [])
     if len(set(names)) != len(names):
         raise AdapterNameError(f"duplicate names in {names}")
+    if combine not in ("sum", "stack"):
+        raise ConfigError(f"combine must be 'sum' or 'stack', got {combine!r}")
     dropped = [n for n in merged_adapters(model) if n not in names]
     if dropped:
         raise StateError(f"{dropped} are merged into the base weights and cannot be "
                          "deactivated; unmerge them first (deltatune.unmerge)")
+    mode: str | tuple[float, ...] = combine
+    if weights is not None:
+        mode = _check_weights(model, names, weights)
     for layer in delta_layers(model).values():
-        layer.set_active(names)
+        layer.set_active(names, mode)
+
+
+def combination(model: nn.Module) -> str | dict[str, float]:
+    """How the active deltas combine: "sum", "stack", or ``{name: weight}``."""
+    weights: dict[str, float] = {}
+    for layer in delta_layers(model).values():
+        if not layer.active:
+            continue
+        if isinstance(layer.combine, str):
+            return layer.combine
+        weights.update((n, layer.weight_of(n)) for n in layer.active)
+    return weights or "sum"
+
+
+def _check_weights(model: nn.Module, names: list[str],
+                   weights: Sequence[float] | Mapping[str, float]) -> tuple[float, ...]:
+    if isinstance(weights, Mapping):
+        missing = sorted(set(names) - set(weights)) + sorted(set(weights) - set(names))
+        if missing:
+            raise ConfigError(f"weights must give exactly the activated names {names}; "
+                              f"mismatched: {missing}")
+        weights = [weights[n] for n in names]
+    weights = tuple(float(w) for w in weights)
+    if len(weights) != len(names) or not all(math.isfinite(w) for w in weights):
+        raise ConfigError(f"weights must be {len(names)} finite numbers, one per name in "
+                          f"{names}; got {weights}")
+    if merged_adapters(model):
+        raise StateError("weights cannot be set while deltas are merged; unmerge first")
+    for name, config in adapters(model).items():
+        if name in names:
+            cls = get_method(config.method).delta_class
+            if cls.composition != "add" or cls.transforms_input:
+                raise ConfigError(f"{name!r} ({config.method}) scales its layer instead of "
+                                  "adding to it, so it cannot be weighted; activate it "
+                                  "without weights")
+    return weights
 
 
 @contextlib.contextmanager
@@ -229,6 +286,11 @@ def _merge_plan(model: nn.Module, names: list[str]) -> list[tuple[str, DeltaLaye
             continue
         for name in pending:
             delta = layer.deltas[name]
+            if layer.weight_of(name) != 1.0:
+                raise MergeError(f"{name!r} is active with weight {layer.weight_of(name)}; "
+                                 "merging folds deltas in at weight 1. Activate without "
+                                 "weights first (or combine deltas with deltatune's merging "
+                                 "tools)")
             if not delta.mergeable:
                 raise MergeError(f"{delta.method!r} deltas cannot be merged into the weights "
                                  f"({name!r} on {path}); keep them unmerged or deactivate them")

@@ -83,9 +83,13 @@ def save(model: nn.Module, path: str | os.PathLike, name: str | None = None, *,
 def adapter_tensors(model: nn.Module, name: str) -> dict[str, Tensor]:
     """The tensors ``save`` writes for delta ``name``, keyed ``<module path>.<tensor>``."""
     out = {}
+    seen: set[int] = set()  # tensors shared between deltas are saved once, at first sight
     for path, layer in delta_layers(model).items():
         if name in layer.deltas:
             for key, value in layer.deltas[name].state_tensors().items():
+                if id(value) in seen:
+                    continue
+                seen.add(id(value))
                 out[f"{path}.{key}"] = value.detach().to("cpu").contiguous().clone()
     return out
 
@@ -375,12 +379,16 @@ def _check_fingerprint(model: nn.Module, base: dict, directory: Path) -> dict:
 
 def _copy_in(model: nn.Module, name: str, tensors: dict[str, Tensor], directory: Path) -> None:
     wanted = {}
+    seen: set[int] = set()
     for path, layer in delta_layers(model).items():
         if name in layer.deltas:
             delta = layer.deltas[name]
             own = delta.state_tensors()
             part = {}
             for key, value in own.items():
+                if id(value) in seen:  # shared with an earlier delta: loaded already
+                    continue
+                seen.add(id(value))
                 full = f"{path}.{key}"
                 if full not in tensors:
                     raise AdapterFileError(f"{directory / WEIGHTS_FILE} lacks tensor {full!r}")

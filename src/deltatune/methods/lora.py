@@ -209,14 +209,25 @@ class LoraDelta(Delta):
         return torch.cat([self.A, self.A0]), torch.cat([self.B, -self.B0], dim=1)
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
-        a, b = self.factors()
-        if self.dropout and self.training:
-            x = F.dropout(x, self.dropout, training=True)
-        h = self.info.apply_in(x, self.cast(a, y))  # (..., r)
-        y = self.info.add_out(y, h, self.cast(b, y), self.scale)
+        b, h = self._down(x, y)
+        y = self.info.add_out(y, h, b, self.scale)
         if self.bias is not None:
             y = y + self.cast(self.bias, y).view(self.info.channel_shape(y.dim()))
         return y
+
+    def effect(self, x: Tensor, y: Tensor) -> Tensor:
+        b, h = self._down(x, y)
+        e = self.info.apply_out(h, b) * self.scale
+        if self.bias is not None:
+            e = e + self.cast(self.bias, y).view(self.info.channel_shape(y.dim()))
+        return e
+
+    def _down(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """``B`` in the activation dtype and ``h = A x`` (dropout on ``x`` in training)."""
+        a, b = self.factors()
+        if self.dropout and self.training:
+            x = F.dropout(x, self.dropout, training=True)
+        return self.cast(b, y), self.info.apply_in(x, self.cast(a, y))  # h: (..., r)
 
     def delta_params(self) -> Params:
         a, b = self.factors()
