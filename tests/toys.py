@@ -167,7 +167,8 @@ class SharedGain(Delta):
         return info.out_dim
 
 
-TOYS = {"toy-shared": SharedGain, "toy-output-scale": OutputScale, "toy-input-scale": InputScale, "toy-shift": Shift,
+TOYS = {"toy-shared": SharedGain, "toy-output-scale": OutputScale,
+        "toy-input-scale": InputScale, "toy-shift": Shift,
         "toy-sequential": Sequential, "toy-parallel": Parallel, "toy-weight-bias": WeightBias}
 
 
@@ -206,7 +207,8 @@ class SharedConfig(ToyConfig):
     pass
 
 
-CONFIGS = {"toy-shared": SharedConfig, "toy-output-scale": OutputScaleConfig, "toy-input-scale": InputScaleConfig,
+CONFIGS = {"toy-shared": SharedConfig, "toy-output-scale": OutputScaleConfig,
+           "toy-input-scale": InputScaleConfig,
            "toy-shift": ShiftConfig, "toy-sequential": SequentialConfig,
            "toy-parallel": ParallelConfig, "toy-weight-bias": WeightBiasConfig}
 

@@ -83,13 +83,17 @@ def save(model: nn.Module, path: str | os.PathLike, name: str | None = None, *,
 def adapter_tensors(model: nn.Module, name: str) -> dict[str, Tensor]:
     """The tensors ``save`` writes for delta ``name``, keyed ``<module path>.<tensor>``."""
     out = {}
-    seen: set[int] = set()  # tensors shared between deltas are saved once, at first sight
+    # tensors shared between deltas are saved once, at first sight; ``alive`` holds every
+    # tensor seen so that an id is never reused by a temporary (state_tensors may return views)
+    seen: set[int] = set()
+    alive: list[Tensor] = []
     for path, layer in delta_layers(model).items():
         if name in layer.deltas:
             for key, value in layer.deltas[name].state_tensors().items():
                 if id(value) in seen:
                     continue
                 seen.add(id(value))
+                alive.append(value)
                 out[f"{path}.{key}"] = value.detach().to("cpu").contiguous().clone()
     return out
 
@@ -380,6 +384,7 @@ def _check_fingerprint(model: nn.Module, base: dict, directory: Path) -> dict:
 def _copy_in(model: nn.Module, name: str, tensors: dict[str, Tensor], directory: Path) -> None:
     wanted = {}
     seen: set[int] = set()
+    alive: list[Tensor] = []  # keeps ids unique while ``seen`` is in use (see adapter_tensors)
     for path, layer in delta_layers(model).items():
         if name in layer.deltas:
             delta = layer.deltas[name]
@@ -389,6 +394,7 @@ def _copy_in(model: nn.Module, name: str, tensors: dict[str, Tensor], directory:
                 if id(value) in seen:  # shared with an earlier delta: loaded already
                     continue
                 seen.add(id(value))
+                alive.append(value)
                 full = f"{path}.{key}"
                 if full not in tensors:
                     raise AdapterFileError(f"{directory / WEIGHTS_FILE} lacks tensor {full!r}")
