@@ -51,6 +51,23 @@ def test_hf_norms_are_found_and_affine_free_norms_are_not():
     assert layer_info(nn.LayerNorm((4, 8))) is None  # multi-dimensional affine
 
 
+@pytest.mark.parametrize("module, bias", [
+    (nn.Linear(4, 8), "own"), (nn.Linear(4, 8, bias=False), "creatable"),
+    (nn.Conv2d(2, 8, 3, bias=False), "creatable"), (nn.LayerNorm(8, bias=False), "creatable"),
+    (nn.LayerNorm(8), "own"), (nn.RMSNorm(8), "none"), (nn.Embedding(5, 8), "none"),
+    (nn.BatchNorm1d(8), "own")])
+def test_layer_info_says_whether_the_layer_has_or_would_use_a_bias(module, bias):
+    assert layer_info(module).bias == bias
+
+
+def test_layer_info_reads_bias_of_hf_norms_from_the_module():
+    llama, t5 = FAMILIES["llama"](), FAMILIES["t5"]()
+    assert Matcher(llama).info("model.layers.0.input_layernorm").bias == "none"
+    assert Matcher(t5).info("encoder.block.0.layer.0.layer_norm").bias == "none"
+    assert Matcher(FAMILIES["bert"]()).info(
+        "bert.encoder.layer.0.output.LayerNorm").bias == "own"
+
+
 # ------------------------------------------------------------------------------ weight form
 def test_weight_form_runs_the_layer_with_changed_parameters(toy_methods):
     model = FAMILIES["llama"]()

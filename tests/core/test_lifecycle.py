@@ -153,8 +153,26 @@ def test_unsafe_merge_skips_the_check():
 def test_merging_into_tied_weights_is_refused():
     model = FAMILIES["gpt2"]()
     dt.inject(model, dt.LoraConfig(targets=["wte"]), name="a")
-    with pytest.raises(dt.MergeError, match="transformer.wte are shared with \\[.lm_head.\\]"):
+    with pytest.raises(dt.MergeError, match="weight of transformer.wte is shared with "
+                                            "\\[.lm_head.\\]"):
         dt.merge(model)
+
+
+def test_merging_only_an_untied_parameter_of_a_tied_layer_is_allowed():
+    """GPT-2's lm_head shares its weight with wte; a bias delta leaves the weight alone."""
+    from deltatune.methods.selective import BitFitConfig
+
+    model = FAMILIES["gpt2"]()
+    wte = model.transformer.wte.weight.detach().clone()
+    dt.inject(model, BitFitConfig(targets=["lm_head"], add_missing=True), name="a")
+    perturb(model)
+    ids = torch.randint(0, model.config.vocab_size, (2, 5))
+    with torch.no_grad():
+        y = model(input_ids=ids).logits
+        dt.merge(model)
+        assert_rel_close(model(input_ids=ids).logits, y, 1e-5, "bias merged beside a tied weight")
+    assert torch.equal(model.transformer.wte.weight, wte)
+    assert model.lm_head.base_layer.bias is not None
 
 
 def test_unload_merge_drops_inactive_and_keeps_active():

@@ -55,8 +55,9 @@ class Delta(nn.Module):
     mergeable: ClassVar[bool] = False
     #: Whether a freshly injected delta leaves the model's output unchanged.
     identity_at_init: ClassVar[bool] = True
-    #: How two deltas of this method on one layer combine: "add" (effects sum) or "scale"
-    #: (effects multiply).
+    #: How two deltas of this method on one layer combine: "add" (effects sum), "scale"
+    #: (effects multiply) or "affine" (each maps the previous output: the later delta's
+    #: ``forward`` applied to the earlier one's result, as stacked SSF maps compose).
     composition: ClassVar[str] = "add"
     #: Whether ``pre`` rewrites the layer input (input-position methods).
     transforms_input: ClassVar[bool] = False

@@ -19,6 +19,7 @@ layer's own input.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -55,6 +56,9 @@ class LayerInfo:
     type_name: str = ""
     channels_first: bool = False  # norm over dim 1 (BatchNorm, GroupNorm)
     tap: str | None = None  # logical path of the module whose input is the block's input
+    #: "own": the layer has a bias tensor; "creatable": it has none but its forward would use
+    #: one if set (``creatable``); "none": neither (RMSNorm, T5LayerNorm, embeddings).
+    bias: str = "none"
 
     # ----------------------------------------------------------------------- weight forms
     @property
@@ -87,7 +91,9 @@ class LayerInfo:
 
     def channel_shape(self, ndim: int) -> tuple[int, ...]:
         """Shape that broadcasts a per-output-channel vector against an output of ``ndim`` dims."""
-        if (self.kind == "conv" or self.channels_first) and ndim > 1:
+        if self.kind == "conv":  # (N, C, *spatial) or unbatched (C, *spatial)
+            return (self.out_dim,) + (1,) * len(self.kernel_size)
+        if self.channels_first and ndim > 1:  # BatchNorm / GroupNorm: (N, C, *spatial)
             return (self.out_dim,) + (1,) * (ndim - 2)
         return (self.out_dim,)
 
@@ -135,6 +141,15 @@ def layer_info(module: nn.Module) -> LayerInfo | None:
         TargetError: a convolution with ``groups > 1`` or a transposed convolution (these
             are recognised but not supported yet).
     """
+    info = _shape_info(module)
+    if info is None:
+        return None
+    if isinstance(getattr(module, "bias", None), Tensor):
+        return dataclasses.replace(info, bias="own")
+    return dataclasses.replace(info, bias="creatable" if creatable(module, "bias") else "none")
+
+
+def _shape_info(module: nn.Module) -> LayerInfo | None:
     name = type(module).__name__
     if _is_norm(module):
         weight = getattr(module, "weight", None)

@@ -108,7 +108,7 @@ class DeltaLayer(nn.Module):
     def _make_tap_hook(self, tap: str):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             if tap in self._live_taps and not self.disabled:
-                self._tapped[tap] = args[0] if args else kwargs.get("hidden_states")
+                self._tapped[tap] = _first_input(args, kwargs)
         return hook
 
     def set_active(self, names: Iterable[str],
@@ -228,3 +228,13 @@ class DeltaLayer(nn.Module):
         if self.combine != "sum":
             merged += f", combine={self.combine}"
         return f"active={list(self.active)}{merged}"
+
+
+def _first_input(args: tuple, kwargs: dict) -> Tensor | None:
+    """A module call's main input: the first positional argument, else ``hidden_states``,
+    else the first tensor among the keyword arguments."""
+    if args:
+        return args[0]
+    if "hidden_states" in kwargs:
+        return kwargs["hidden_states"]
+    return next((v for v in kwargs.values() if isinstance(v, Tensor)), None)

@@ -301,11 +301,14 @@ def _merge_plan(model: nn.Module, names: list[str]) -> list[tuple[str, DeltaLaye
         if before and not all(_additive(layer.deltas[n]) for n in [*before, *pending]):
             raise MergeError(f"{path}: {before} come before {pending} in the active order and "
                              "do not commute with them; merge them too (or first)")
-        for param in layer.base_layer.parameters(recurse=False):
-            owners = [n for n in tied.get(id(param), []) if n != path]
-            if owners:
-                raise MergeError(f"the weights of {path} are shared with {owners}; merging "
-                                 "would change every module that shares them. Untie them first "
+        shared = {key: owners for key, param in layer.base_layer.named_parameters(recurse=False)
+                  if (owners := [n for n in tied.get(id(param), []) if n != path])}
+        if shared:  # refused only if a delta would write a tied parameter (BitFit may not)
+            params = _params32(layer)
+            written = {key for n in pending for key in layer.deltas[n].merged_params(params)}
+            for key in sorted(written & set(shared)):
+                raise MergeError(f"the {key} of {path} is shared with {shared[key]}; merging "
+                                 "would change every module that shares it. Untie them first "
                                  "(e.g. config.tie_word_embeddings=False and a copied weight)")
         todo.append((path, layer, pending))
     return todo
