@@ -20,8 +20,11 @@ def tied_param_ids(model: nn.Module) -> set[int]:
     return {pid for pid, n in owners.items() if n > 1}
 
 
-def adaptable(model: nn.Module, kinds: frozenset[str]) -> list[str]:
-    """Every module the method can adapt whose weights are not tied to another module."""
+def adaptable(model: nn.Module, kinds: frozenset[str], supports=None) -> list[str]:
+    """Every module the method can adapt whose weights are not tied to another module.
+
+    ``supports(module, info)``, if given, is the method's per-module check (``None``: yes).
+    """
     matcher = Matcher(model)
     tied = tied_param_ids(model)
     out = []
@@ -30,6 +33,8 @@ def adaptable(model: nn.Module, kinds: frozenset[str]) -> list[str]:
         if matcher.canonical(name) != name or info is None or info.kind not in kinds:
             continue
         if any(id(p) in tied for p in matcher.modules[name].parameters(recurse=False)):
+            continue
+        if supports is not None and supports(matcher.modules[name], info) is not None:
             continue
         out.append(name)
     return out

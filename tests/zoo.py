@@ -107,6 +107,25 @@ class EmbeddingModel(nn.Module):
         return self.out(torch.tanh(self.proj(self.embed(x))).mean(1))
 
 
+class NormNet(nn.Module):
+    """Every norm kind: BatchNorm (batch statistics, no running buffers to change in training),
+    GroupNorm, LayerNorm without bias, torch RMSNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8, track_running_stats=False)
+        self.gn = nn.GroupNorm(2, 8)
+        self.fc = nn.Linear(8, 12)
+        self.ln = nn.LayerNorm(12, bias=False)
+        self.rms = nn.RMSNorm(12)
+        self.out = nn.Linear(12, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.gn(torch.relu(self.bn(self.conv(x)))).mean((-2, -1))
+        return self.out(self.rms(self.ln(self.fc(h))))
+
+
 # ----------------------------------------------------------------------------- Hugging Face
 def llama() -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -163,18 +182,20 @@ CASES = [
     Case("mlp", MLP, lambda: {"x": _randn(4, 12)}),
     Case("conv", ConvNet, lambda: {"x": _randn(2, 3, 12, 12)},
          kinds=frozenset({"linear", "conv"})),
+    Case("norms", NormNet, lambda: {"x": _randn(3, 3, 6, 6)},
+         kinds=frozenset({"linear", "conv", "norm"})),
     Case("embedding", EmbeddingModel, lambda: {"x": _ids((3, 7), 40)},
          kinds=frozenset({"linear", "embedding"})),
     Case("llama", llama, lambda: {"input_ids": _ids((2, 9))},
-         kinds=frozenset({"linear", "embedding"}), hf=True),
+         kinds=frozenset({"linear", "embedding", "norm"}), hf=True),
     Case("gpt2", gpt2, lambda: {"input_ids": _ids((2, 9))},
-         kinds=frozenset({"linear", "embedding"}), hf=True),
+         kinds=frozenset({"linear", "embedding", "norm"}), hf=True),
     Case("bert", bert, lambda: {"input_ids": _ids((2, 9))},
-         kinds=frozenset({"linear", "embedding"}), hf=True),
+         kinds=frozenset({"linear", "embedding", "norm"}), hf=True),
     Case("t5", t5, lambda: {"input_ids": _ids((2, 9)), "decoder_input_ids": _ids((2, 5))},
-         kinds=frozenset({"linear", "embedding"}), hf=True),
+         kinds=frozenset({"linear", "embedding", "norm"}), hf=True),
     Case("vit", vit, lambda: {"pixel_values": _randn(2, 3, 16, 16)},
-         kinds=frozenset({"linear", "conv"}), hf=True),
+         kinds=frozenset({"linear", "conv", "norm"}), hf=True),
 ]
 CASES_BY_NAME = {c.name: c for c in CASES}
 

@@ -66,7 +66,12 @@ def tolerance(method: str, dtype: torch.dtype = torch.float32) -> float:
 def make_config(method: str, model, **kwargs):
     cls = delta_class(method)
     variant = getattr(method, "kwargs", {})
-    return cls.config_class(targets=adaptable(model, cls.layer_kinds), **variant, **kwargs)
+    probe = cls.config_class(targets=["_"], **variant, **kwargs)  # for the per-module check
+    targets = adaptable(model, cls.layer_kinds, lambda m, info: cls.supports(m, info, probe))
+    if not targets:
+        pytest.skip(f"{method.label if hasattr(method, 'label') else method} adapts no module "
+                    "of this model")
+    return cls.config_class(targets=targets, **variant, **kwargs)
 
 
 def adapted(method, case, dtype=torch.float32, name="a", seed=0):
@@ -84,8 +89,9 @@ def adapted(method, case, dtype=torch.float32, name="a", seed=0):
 
 
 def weights(model) -> dict[str, torch.Tensor]:
-    return {path: layer.base_layer.weight.detach().clone()
-            for path, layer in delta_layers(model).items()}
+    """Every own parameter of the adapted base layers (weights and biases, created ones too)."""
+    return {f"{path}.{key}": p.detach().clone() for path, layer in delta_layers(model).items()
+            for key, p in layer.base_layer.named_parameters(recurse=False)}
 
 
 # ------------------------------------------------------------------------------------ tests
@@ -137,7 +143,8 @@ def test_merged_equals_unmerged(pair, dtype):
     w_before = weights(model)
     dt.merge(model)
     assert dt.merged_adapters(model) == ["a"]
-    changed = [p for p, w in weights(model).items() if not torch.equal(w, w_before[p])]
+    changed = [p for p, w in weights(model).items()
+               if p not in w_before or not torch.equal(w, w_before[p])]
     assert changed, "merge wrote nothing"
     with torch.no_grad():
         y_merged = run(model, inputs)
@@ -264,6 +271,9 @@ def test_two_deltas_compose_as_declared(pair):
         assert_rel_close(yab - y0, (ya - y0) + (yb - y0), tol, f"additive composition ({path})")
     elif cls.composition == "scale":
         assert_rel_close(yab * y0, ya * yb, tol, f"multiplicative composition ({path})")
+    elif cls.composition == "affine":  # b's map applied to a's output: γb ⊙ (γa ⊙ y + βa) + βb
+        assert_rel_close(yab, layer.deltas["b"].forward(x, ya), tol,
+                         f"affine composition ({path})")
     else:
         pytest.fail(f"unknown composition {cls.composition!r}")
     if cls.mergeable:
