@@ -4,12 +4,15 @@
 ``peft.PeftModel.from_pretrained`` (and tools that read peft adapters, such as vLLM) load with
 the same outputs; ``load_peft`` reads such a directory into a deltatune delta. peft itself is
 not needed for either. Supported: LoRA (rsLoRA, learned bias, per-module rank/alpha patterns,
-Linear / HF Conv1D / Conv / Embedding layers). PiSSA deltas export as the plain LoRA they are
-saved as; asymmetric LoRA exports with its frozen ``A`` written out.
+Linear / HF Conv1D / Conv / Embedding layers) and (IA)³ (output and feedforward vectors on Linear /
+HF Conv1D / Conv2d / Conv3d layers). PiSSA deltas export as the plain LoRA they are saved as;
+asymmetric LoRA exports with its frozen ``A`` written out.
 
 Conventions mapped: peft scales its LoRA bias with the rest of the path, ``s (B A x + b)``, so a
 deltatune bias is ``s · b_peft``; peft's conv ``lora_A`` is a convolution weight
-``(r, in, *kernel)`` and ``lora_B`` a pointwise one ``(out, r, 1, …)``.
+``(r, in, *kernel)`` and ``lora_B`` a pointwise one ``(out, r, 1, …)``. peft's ``ia3_l`` is
+``(out, 1)`` (output) or ``(1, in)`` (feedforward) on linear layers and ``(1, C, 1, …)`` on
+convolutions; ours is the flat vector ``l``.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from ..core.inject import attach, check_name
 from ..core.lifecycle import activate, active_adapters, adapters, delete, delta_layers
 from ..core.state import atomic_directory
 from ..core.targeting import Matcher
+from ..methods.ia3 import IA3Config, IA3Delta
 from ..methods.lora import LoraConfig
 
 CONFIG_FILE = "adapter_config.json"
@@ -39,6 +43,7 @@ _UNSUPPORTED = {"use_dora": False, "layer_replication": None, "use_qalora": Fals
                 "target_parameters": None, "modules_to_save": None,
                 "trainable_token_indices": None, "alora_invocation_tokens": None,
                 "use_bdlora": None, "arrow_config": None}
+_UNSUPPORTED_IA3 = {"modules_to_save": None}
 
 
 # --------------------------------------------------------------------------------- export
@@ -46,7 +51,7 @@ def save_peft(model: nn.Module, path: str | os.PathLike, name: str | None = None
     """Export delta ``name`` in peft's adapter format (atomically, like ``save``).
 
     Args:
-        model: a model with a LoRA delta.
+        model: a model with a LoRA or (IA)³ delta.
         path: the directory to write.
         name: the delta (default: the only one).
 
@@ -55,7 +60,7 @@ def save_peft(model: nn.Module, path: str | os.PathLike, name: str | None = None
 
     Raises:
         AdapterNameError: unknown name, or several deltas and no name.
-        ConfigError: the delta is not LoRA, or uses something peft cannot express.
+        ConfigError: the delta is not LoRA or (IA)³, or uses something peft cannot express.
     """
     from safetensors.torch import save_file
 
@@ -63,8 +68,22 @@ def save_peft(model: nn.Module, path: str | os.PathLike, name: str | None = None
     layers = {p: layer.deltas[name] for p, layer in delta_layers(model).items()
               if name in layer.deltas}
     config = next(iter(layers.values())).adapter_config
-    if not isinstance(config, LoraConfig):
-        raise ConfigError(f"{name!r} is a {config.method!r} delta; peft export supports LoRA")
+    if isinstance(config, LoraConfig):
+        tensors, peft_config = _lora_to_peft(model, layers, config)
+    elif isinstance(config, IA3Config):
+        tensors, peft_config = _ia3_to_peft(model, layers)
+    else:
+        raise ConfigError(f"{name!r} is a {config.method!r} delta; peft export supports LoRA "
+                          "and IA3")
+    with atomic_directory(Path(path), own_files={CONFIG_FILE, WEIGHTS_FILE}) as tmp:
+        save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()},
+                  str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        (tmp / CONFIG_FILE).write_text(json.dumps(peft_config, indent=2) + "\n")
+    return Path(path)
+
+
+def _lora_to_peft(model: nn.Module, layers: dict[str, nn.Module],
+                  config: LoraConfig) -> tuple[dict[str, Tensor], dict[str, Any]]:
     saved = config.for_saving()
     tensors: dict[str, Tensor] = {}
     ranks, alphas = {}, {}
@@ -112,11 +131,40 @@ def save_peft(model: nn.Module, path: str | os.PathLike, name: str | None = None
         "inference_mode": True,
         "revision": None,
     }
-    with atomic_directory(Path(path), own_files={CONFIG_FILE, WEIGHTS_FILE}) as tmp:
-        save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()},
-                  str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        (tmp / CONFIG_FILE).write_text(json.dumps(peft_config, indent=2) + "\n")
-    return Path(path)
+    return tensors, peft_config
+
+
+def _ia3_to_peft(model: nn.Module,
+                 layers: dict[str, nn.Module]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    modules = Matcher(model).modules
+    tensors: dict[str, Tensor] = {}
+    for path_, delta in layers.items():
+        module, info = modules[path_], delta.info
+        if info.kind == "conv" and not isinstance(module, (nn.Conv2d, nn.Conv3d)):
+            raise ConfigError(f"peft's IA3 has no {type(module).__name__} layers ({path_}); "
+                              "it supports Linear, HF Conv1D, Conv2d and Conv3d")
+        if info.kind == "conv":  # (1, C, 1, …) for both positions
+            shape = (1, -1) + (1,) * len(info.kernel_size)
+        else:  # feedforward (1, in) or output (out, 1)
+            shape = (1, -1) if delta.transforms_input else (-1, 1)
+        tensors[f"{PREFIX}{path_}.ia3_l"] = delta.l.reshape(shape)
+    feedforward = [p for p, d in layers.items() if d.transforms_input]
+    kinds = {type(modules[p]).__name__ for p in layers}
+    peft_config = {
+        "peft_type": "IA3",
+        "task_type": None,
+        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path",
+                                           None) or None,
+        "target_modules": _exact(list(layers), [n for n in modules if n not in layers]),
+        "feedforward_modules": _exact(feedforward, [p for p in layers if p not in feedforward]),
+        "fan_in_fan_out": kinds == {"Conv1D"},
+        "init_ia3_weights": True,
+        "exclude_modules": None,
+        "modules_to_save": None,
+        "inference_mode": True,
+        "revision": None,
+    }
+    return tensors, peft_config
 
 
 # --------------------------------------------------------------------------------- import
@@ -153,17 +201,21 @@ def load_peft(model: nn.Module, path: str | os.PathLike, name: str = "default", 
                                "missing)") from None
     except (json.JSONDecodeError, SafetensorError, OSError, ValueError) as exc:
         raise AdapterFileError(f"{root} holds an unreadable peft adapter: {exc}") from exc
-    if meta.get("peft_type") != "LORA":
-        raise ConfigError(f"peft adapter type {meta.get('peft_type')!r} is not supported yet; "
-                          "deltatune imports LoRA adapters")
-    for key, default in _UNSUPPORTED.items():
+    kind = meta.get("peft_type")
+    if kind not in ("LORA", "IA3"):
+        raise ConfigError(f"peft adapter type {kind!r} is not supported yet; deltatune imports "
+                          "LoRA and IA3 adapters")
+    for key, default in (_UNSUPPORTED if kind == "LORA" else _UNSUPPORTED_IA3).items():
         if meta.get(key, default) not in (default, [], {}):
             raise ConfigError(f"the peft adapter uses {key}={meta[key]!r}, which deltatune does "
                               "not import yet")
     if meta.get("bias", "none") != "none":
         raise ConfigError(f"the peft adapter trains base biases (bias={meta['bias']!r}); "
                           "deltatune imports bias='none' adapters")
-    config, targets, per_module = _lora_from_peft(model, meta, tensors, root)
+    if kind == "IA3":
+        config, targets, per_module = _ia3_from_peft(model, meta, tensors, root)
+    else:
+        config, targets, per_module = _lora_from_peft(model, meta, tensors, root)
     active = active_adapters(model)
     attach(model, config, name, targets, trainable=trainable, init=False)
     try:
@@ -230,7 +282,54 @@ def _lora_from_peft(model: nn.Module, meta: dict[str, Any], tensors: dict[str, T
     return config, targets, per_module
 
 
+def _ia3_from_peft(model: nn.Module, meta: dict[str, Any], tensors: dict[str, Tensor],
+                   root: Path) -> tuple[IA3Config, dict, dict[str, dict[str, Tensor]]]:
+    matcher = Matcher(model)
+    spec = meta.get("feedforward_modules")
+    if spec is None:
+        raise AdapterFileError(f"{root / CONFIG_FILE} has no feedforward_modules, so which "
+                               "vectors scale inputs is unknown; set it (a list, [] for none)")
+    targets, per_module, is_ff = {}, {}, {}
+    for key, value in tensors.items():
+        path_ = key.removeprefix(PREFIX).removesuffix(".ia3_l")
+        if not key.startswith(PREFIX) or not key.endswith(".ia3_l"):
+            raise AdapterFileError(f"{root / WEIGHTS_FILE}: unexpected tensor {key!r}")
+        info = matcher.info(path_) if path_ in matcher.modules else None
+        if info is None or info.kind not in IA3Delta.layer_kinds:
+            raise AdapterFileError(f"the peft adapter in {root} adapts {path_!r}, which is not "
+                                   f"an adaptable layer of this {type(model).__name__}")
+        # peft's rule: a regex full match, or a plain suffix of the module name
+        ff = is_ff[path_] = (re.fullmatch(spec, path_) is not None if isinstance(spec, str)
+                             else any(path_.endswith(k) for k in spec))
+        size = IA3Delta.size(info, ff)
+        if info.kind == "conv":
+            shape = (1, size) + (1,) * len(info.kernel_size)
+        else:
+            shape = (1, size) if ff else (size, 1)
+        if tuple(value.shape) != shape:
+            where = "feedforward (input)" if ff else "output"
+            raise AdapterFileError(f"{path_!r}: the peft adapter's ia3_l has shape "
+                                   f"{tuple(value.shape)}, but an {where} vector of this layer "
+                                   f"is {shape}")
+        targets[path_], per_module[path_] = info, {"l": value.reshape(-1)}
+    order = {n: i for i, n in enumerate(matcher.names)}
+    targets = dict(sorted(targets.items(), key=lambda kv: order[kv[0]]))
+    others = [n for n in matcher.names if n not in targets]
+    config = IA3Config(targets=_exact(list(targets), others),
+                       feedforward=_exact([p for p in targets if is_ff[p]],
+                                          [p for p in targets if not is_ff[p]]))
+    return config, targets, per_module
+
+
 # --------------------------------------------------------------------------------- helpers
+def _exact(names: list[str], others: list[str]) -> list[str] | str:
+    """``names`` as a list, or as an exact regex if suffix matching (peft's plain suffixes, or
+    deltatune's dotted ones) would also select one of ``others``."""
+    if any(o.endswith(n) for o in others for n in names):
+        return "|".join(re.escape(n) for n in names)
+    return names
+
+
 def _check_same_base(matcher: Matcher, path: str, weight: Tensor, root: Path) -> None:
     module = matcher.modules.get(path)
     mine = getattr(module, "weight", None)
