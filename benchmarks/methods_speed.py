@@ -1,0 +1,415 @@
+#!/usr/bin/env python
+"""Speed and memory of every method family: deltatune vs HF peft vs the floor, in one run.
+
+One randomly initialised ``LlamaForCausalLM`` (built from a ``LlamaConfig``, no downloads) is
+copied into every case, and every case sees the same token batch:
+
+training (forward + backward + AdamW step on the trainable parameters)
+
+* ``floor``    the frozen base's own forward + backward (gradient into ``inputs_embeds``, no
+               optimizer step) — what an adapter with a trainable parameter in the first layer's
+               attention pays at least; a method whose lowest trainable parameter sits higher
+               (Pfeiffer, Compacter++, the parallel adapter: layer 0's FFN) skips the backward
+               below it and can come in under the floor;
+* ``full_ft``  full fine-tuning, every parameter trainable;
+* ``dt_<method>``, one per method family (deltatune's defaults unless stated):
+
+  - ``lora``       LoRA r=16, alpha=32 on every linear layer but the head;
+  - ``ia3``        (IA)³ on ``attn.k``, ``attn.v``, ``ffn.down`` (input scaling on ``ffn.down``);
+  - ``bitfit``     BitFit with ``add_missing=True`` (Llama has no biases: a bias is learned on
+                   every linear layer, the head included);
+  - ``ln_tuning``  LayerNorm tuning (the RMSNorm gains);
+  - ``ssf``        SSF on every linear layer but the head;
+  - ``houlsby``    sequential adapters after attention and FFN (``houlsby()``, r = d/16);
+  - ``pfeiffer``   a sequential adapter after the FFN (``pfeiffer()``, r = d/16);
+  - ``parallel``   He et al.'s scaled parallel adapter beside the FFN (``parallel_adapter()``,
+                   s = 4, r = d/2);
+  - ``compacter``  Compacter with its defaults (Compacter++: one sequential adapter after the
+                   FFN, r = d/16, PHM n=4, rank 1, shared rules), when the method is registered;
+
+* ``peft_<method>``, HF peft's implementation where it has one: LoRA (same settings), IA3
+  (``k_proj``, ``v_proj``, ``down_proj``; feedforward ``down_proj``), LN tuning (its default
+  targets for Llama: both RMSNorms of every layer and the final one).
+
+inference (``torch.no_grad()`` forward; every adapter given the same non-zero weights in both
+libraries)
+
+* ``infer_base``; ``infer_dt_<method>`` (unmerged), ``infer_peft_<method>`` where peft has it,
+  ``infer_dt_<method>_merged`` (``dt.merge``) for the mergeable methods.
+
+A method that is not registered (or whose config cannot be built) is skipped, with a note in the
+report. Before timing, the cases are checked to compute the same thing: every training case
+starts from the same loss (every method is the identity at initialisation), ours and peft's
+outputs agree for the same weights (copied across), merged and unmerged outputs agree.
+
+Timing and memory as in ``lora_speed.py`` (the shared ``_harness.py``): interleaved rounds in a
+shuffled order, every case in a fresh child process for its peak memory. Every figure is also
+a ratio to the floor (training) or the base (inference), and ours to peft's. 25 measured steps
+per case by default, fewer than ``lora_speed.py``'s 40 (32 cases: about 6 minutes on 2 CPU
+cores, a fifth of it the memory children). Results go to
+``<out>/methods_speed_<device>.json`` and ``.md``.
+
+Usage::
+
+    python benchmarks/methods_speed.py                     # CPU, float32
+    python benchmarks/methods_speed.py --device cuda       # bfloat16, ~1B-parameter Llama
+    python benchmarks/methods_speed.py --quick --out /tmp/bench   # tiny smoke run
+    python benchmarks/methods_speed.py --cases dt_ia3,peft_ia3,infer_dt_ia3
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared harness, beside this file
+import _harness as h
+from _harness import Case, Runner, peft
+
+import deltatune as dt
+
+# peft's LN tuning warns about every norm type it does not list (Llama's RMSNorm among them);
+# it adapts them all the same.
+warnings.filterwarnings("ignore", message="Unsupported layer type", category=UserWarning)
+
+ADAPTER = "a"
+RANK, ALPHA = 16, 32
+ADAPTER_SEED = 4321
+#: Inference adapters: this much N(0, 1) noise is added to every trainable parameter's initial
+#: value (LoRA's B, the adapters' W_up start at zero; scaling vectors at one).
+NOISE = 0.02
+
+
+# ------------------------------------------------------------------------ peft weight copies
+def _peft_path(name: str) -> str:
+    return name.removeprefix("base_model.model.")
+
+
+def _check_count(method: str, copied: int, ours: dict[str, Tensor], suffix: str) -> int:
+    expected = sum(name.endswith(suffix) for name in ours)
+    if copied != expected or not copied:
+        raise RuntimeError(f"{method}: copied {copied} modules into peft's model, deltatune "
+                           f"adapted {expected}; the two libraries did not adapt the same layers")
+    return copied
+
+
+@torch.no_grad()
+def copy_lora(dt_model: nn.Module, peft_model: nn.Module) -> int:
+    """deltatune's A, B into peft's ``lora_A`` / ``lora_B``."""
+    ours = dict(dt_model.named_parameters())
+    copied = 0
+    for name, module in peft_model.named_modules():
+        lora_a = getattr(module, "lora_A", None)
+        if not isinstance(lora_a, nn.ModuleDict) or "default" not in lora_a:
+            continue
+        path = _peft_path(name)
+        lora_a["default"].weight.copy_(ours[f"{path}.deltas.{ADAPTER}.A"])
+        module.lora_B["default"].weight.copy_(ours[f"{path}.deltas.{ADAPTER}.B"])
+        copied += 1
+    return _check_count("LoRA", copied, ours, f".deltas.{ADAPTER}.A")
+
+
+@torch.no_grad()
+def copy_ia3(dt_model: nn.Module, peft_model: nn.Module) -> int:
+    """deltatune's vectors ``l`` into peft's ``ia3_l`` ((out, 1), or (1, in) on feedforward)."""
+    ours = dict(dt_model.named_parameters())
+    copied = 0
+    for name, module in peft_model.named_modules():
+        ia3 = getattr(module, "ia3_l", None)
+        if not isinstance(ia3, nn.ParameterDict) or "default" not in ia3:
+            continue
+        ia3["default"].copy_(ours[f"{_peft_path(name)}.deltas.{ADAPTER}.l"].view_as(
+            ia3["default"]))
+        copied += 1
+    return _check_count("IA3", copied, ours, f".deltas.{ADAPTER}.l")
+
+
+@torch.no_grad()
+def copy_ln_tuning(dt_model: nn.Module, peft_model: nn.Module) -> int:
+    """peft trains a copy of each norm layer: give the copy the base's parameters + our Δθ."""
+    ours = dict(dt_model.named_parameters())
+    copied = 0
+    for name, module in peft_model.named_modules():
+        layers = getattr(module, "ln_tuning_layers", None)
+        if not isinstance(layers, nn.ModuleDict) or "default" not in layers:
+            continue
+        prefix = f"{_peft_path(name)}.deltas.{ADAPTER}.delta."
+        for key, delta in ((k.removeprefix(prefix), v) for k, v in ours.items()
+                           if k.startswith(prefix)):
+            getattr(layers["default"], key).copy_(getattr(module.base_layer, key) + delta)
+        copied += 1
+    return _check_count("LN tuning", copied, ours, f".deltas.{ADAPTER}.delta.weight")
+
+
+# ------------------------------------------------------------------------------- methods
+@dataclass(frozen=True)
+class Method:
+    """One method family: deltatune's config and, where peft has the method, peft's."""
+
+    key: str  # case-name stem
+    method: str  # deltatune's registered name
+    label: str
+    config: Callable[[], dt.DeltaConfig]
+    peft_config: Callable[[], Any] | None = None
+    peft_label: str = ""
+    copy_to_peft: Callable[[nn.Module, nn.Module], int] | None = None
+
+
+def _ia3() -> dt.DeltaConfig:
+    from deltatune.methods.ia3 import IA3Config
+
+    return IA3Config()
+
+
+def _bitfit() -> dt.DeltaConfig:
+    from deltatune.methods.selective import BitFitConfig
+
+    return BitFitConfig(add_missing=True)
+
+
+def _ln_tuning() -> dt.DeltaConfig:
+    from deltatune.methods.selective import LNTuningConfig
+
+    return LNTuningConfig()
+
+
+def _ssf() -> dt.DeltaConfig:
+    from deltatune.methods.ssf import SSFConfig
+
+    return SSFConfig(targets="all-linear")
+
+
+def _adapter(preset: str, **kwargs: Any) -> Callable[[], dt.DeltaConfig]:
+    def config() -> dt.DeltaConfig:
+        from deltatune.methods import adapter
+
+        return getattr(adapter, preset)(**kwargs)
+    return config
+
+
+def _compacter() -> dt.DeltaConfig:
+    return dt.get_method("compacter").config_class()
+
+
+IA3_TARGETS = ["k_proj", "v_proj", "down_proj"]
+METHODS: tuple[Method, ...] = (
+    Method("lora", "lora", "LoRA all-linear",
+           lambda: dt.LoraConfig(rank=RANK, alpha=ALPHA, targets="all-linear"),
+           lambda: peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0,
+                                   target_modules="all-linear"),
+           "peft LoRA all-linear", copy_lora),
+    Method("ia3", "ia3", "IA3 k,v,down", _ia3,
+           lambda: peft.IA3Config(target_modules=IA3_TARGETS, feedforward_modules=["down_proj"]),
+           "peft IA3 k,v,down", copy_ia3),
+    Method("bitfit", "bitfit", "BitFit (add_missing)", _bitfit),
+    Method("ln_tuning", "ln_tuning", "LN tuning", _ln_tuning,
+           lambda: peft.LNTuningConfig(), "peft LN tuning", copy_ln_tuning),
+    Method("ssf", "ssf", "SSF all-linear", _ssf),
+    Method("houlsby", "adapter", "Houlsby adapter", _adapter("houlsby")),
+    Method("pfeiffer", "adapter", "Pfeiffer adapter", _adapter("pfeiffer")),
+    Method("parallel", "adapter", "scaled parallel adapter FFN s=4",
+           _adapter("parallel_adapter", scale=4.0)),
+    Method("compacter", "compacter", "Compacter++ (FFN, n=4)", _compacter),
+)
+
+
+def _availability(m: Method) -> str | None:
+    """Why the method cannot run in this process (``None``: it can)."""
+    try:
+        dt.get_method(m.method)
+        config = m.config()
+    except Exception as exc:  # not registered, or its API moved: skip it, say why
+        return f"{type(exc).__name__}: {exc}".split("\n")[0]
+    if config.method != m.method:
+        return f"the config builds a {config.method!r} delta, not {m.method!r}"
+    return None
+
+
+def _mergeable(m: Method) -> bool:
+    return bool(dt.get_method(m.method).delta_class.mergeable)
+
+
+# --------------------------------------------------------------------------------- cases
+def _dt_model(m: Method) -> Callable[[nn.Module], nn.Module]:
+    return lambda base: dt.inject(base, m.config(), name=ADAPTER)
+
+
+def _peft_model(m: Method) -> Callable[[nn.Module], nn.Module]:
+    return lambda base: peft.get_peft_model(base, m.peft_config())
+
+
+def _train(adapt: Callable[[nn.Module], nn.Module]) -> Callable[[nn.Module, Tensor], Runner]:
+    return lambda base, ids: h.train_runner(adapt(base), ids)
+
+
+#: Modules copied into each peft inference model (filled when the case is built).
+COPIED: dict[str, int] = {}
+
+
+def _infer_dt(m: Method, *, merged: bool) -> Callable[[nn.Module, Tensor], Runner]:
+    def build(base: nn.Module, ids: Tensor) -> Runner:
+        model = _dt_model(m)(base)
+        h.perturb(model, ADAPTER_SEED, NOISE, add=True)
+        if merged:
+            dt.merge(model)
+        return Runner(model.eval(), ids, "infer")
+    return build
+
+
+def _infer_peft(m: Method) -> Callable[[nn.Module, Tensor], Runner]:
+    def build(base: nn.Module, ids: Tensor) -> Runner:
+        reference = _dt_model(m)(copy.deepcopy(base))  # the same init stream as _infer_dt
+        h.perturb(reference, ADAPTER_SEED, NOISE, add=True)
+        model = _peft_model(m)(base)
+        COPIED[m.key] = m.copy_to_peft(reference, model)
+        return Runner(model.eval(), ids, "infer")
+    return build
+
+
+def build_cases() -> tuple[tuple[Case, ...], dict[str, str], dict[str, str]]:
+    """Every case of the available methods; the skipped cases and methods, with the reason."""
+    train = [Case("floor", "floor: frozen base fwd+bwd", "train", h.floor_runner),
+             Case("full_ft", "full fine-tuning", "train", h.full_runner)]
+    infer = [Case("infer_base", "base", "infer", h.base_infer_runner)]
+    skipped_cases: dict[str, str] = {}
+    skipped_methods: dict[str, str] = {}
+    for m in METHODS:
+        peer = m.peft_config is not None
+        names = [f"dt_{m.key}", f"infer_dt_{m.key}"]
+        reason = _availability(m)
+        if reason is not None:
+            skipped_methods[m.key] = reason
+            names += [f"peft_{m.key}", f"infer_peft_{m.key}"] if peer else []
+            names += [f"infer_dt_{m.key}_merged"]
+            skipped_cases.update(dict.fromkeys(names, f"{m.key} skipped ({reason})"))
+            continue
+        train.append(Case(f"dt_{m.key}", f"deltatune {m.label}", "train", _train(_dt_model(m)),
+                          peer=f"peft_{m.key}" if peer else None))
+        infer.append(Case(f"infer_dt_{m.key}", f"deltatune {m.label} unmerged", "infer",
+                          _infer_dt(m, merged=False),
+                          peer=f"infer_peft_{m.key}" if peer else None))
+        if peer:
+            train.append(Case(f"peft_{m.key}", m.peft_label, "train", _train(_peft_model(m)),
+                              needs_peft=True))
+            infer.append(Case(f"infer_peft_{m.key}", f"{m.peft_label} unmerged", "infer",
+                              _infer_peft(m), needs_peft=True))
+        if _mergeable(m):
+            infer.append(Case(f"infer_dt_{m.key}_merged", f"deltatune {m.label} merged",
+                              "infer", _infer_dt(m, merged=True)))
+    return tuple(train + infer), skipped_cases, skipped_methods
+
+
+CASES, SKIPPED_CASES, SKIPPED_METHODS = build_cases()
+
+
+# --------------------------------------------------------------------------------- sanity
+def check_outputs(runners: dict[str, Runner]) -> dict[str, Any]:
+    """Before timing: the cases compute the same thing (else the comparison means nothing).
+
+    Every method is the identity at initialisation, so every training case starts from the
+    same loss; the inference adapters are non-zero, and identical in both libraries.
+    """
+    out = h.first_losses(runners)
+    reference = runners.get("floor") or runners.get("infer_base")
+    out["base_params"] = sum(p.numel() for p in reference.model.parameters())
+    logits = {n: r.step() for n, r in runners.items() if r.kind == "infer"}
+    diffs: dict[str, dict[str, float]] = {}
+    for m in METHODS:
+        ours = f"infer_dt_{m.key}"
+        pairs = {"dt_unmerged_vs_base": (ours, "infer_base"),
+                 "dt_unmerged_vs_peft_unmerged": (ours, f"infer_peft_{m.key}"),
+                 "dt_merged_vs_dt_unmerged": (f"{ours}_merged", ours)}
+        found = {key: h.rel(logits[a], logits[b]) for key, (a, b) in pairs.items()
+                 if a in logits and b in logits}
+        if found:
+            diffs[m.key] = found
+    out["logits_rel_diff"] = diffs
+    out["peft_copied_modules"] = {k: v for k, v in COPIED.items()
+                                  if f"infer_peft_{k}" in runners}
+    return out
+
+
+# --------------------------------------------------------------------------------- report
+def annotate(report: dict[str, Any]) -> None:
+    """Trainable parameters as a share of the base's; the methods skipped in this run."""
+    base = report["sanity"]["base_params"]
+    for case in report["cases"].values():
+        if case["kind"] == "train":
+            case["trainable_pct_of_base"] = 100 * case["trainable_params"] / base
+    report["skipped_methods"] = dict(SKIPPED_METHODS)
+
+
+DEFINITIONS = {
+    "cases.trainable_pct_of_base": "trainable parameters / parameters of the base model, in %",
+    "sanity.logits_rel_diff": "per method: relative difference ||a - b|| / ||b|| of the "
+                              "inference logits (adapters with identical non-zero weights)",
+    "sanity.peft_copied_modules": "adapted modules whose weights were copied into peft's model",
+    "skipped_methods": "methods not registered (or whose config could not be built) in this run",
+}
+
+_NOTE = ("Methods: deltatune's defaults unless stated; LoRA r=16, alpha=32; IA3 on k, v, down "
+         "(input scaling on down); BitFit add_missing=True (every linear layer, head "
+         "included); adapters: Houlsby (attn + FFN) and Pfeiffer (FFN) r = d/16, parallel "
+         "(FFN, s=4) r = d/2, Compacter++ (FFN, r = d/16, n=4); peft peers: LoRA, IA3, LN tuning.")
+
+
+def _pct(value: float) -> str:
+    return f"{value:.3f}%" if value < 1 else f"{value:.1f}%"
+
+
+def _sci(value: float | None) -> str:
+    return "—" if value is None else f"{value:.1e}"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = h.header_lines(report, "Method families: speed and memory", _NOTE)
+    trainable: list[h.Column] = [
+        ("trainable", "---:", lambda c: f"{c['trainable_params']:,}"),
+        ("% of base", "---:", lambda c: _pct(c["trainable_pct_of_base"]))]
+    for kind, title, ref in h.TABLES:
+        table = h.table_lines(report, kind, title, ref, trainable if kind == "train" else ())
+        lines += table
+        if kind == "train" and table:
+            lines += ["", "The floor backpropagates through every layer into the input "
+                      "embeddings; methods with nothing trainable below layer 0's FFN (Pfeiffer, "
+                      "Compacter++, parallel adapter) skip layer 0's attention backward and can "
+                      "run under it."]
+    sanity = report["sanity"]
+    diffs = sanity.get("logits_rel_diff", {})
+    lines += ["", "## Sanity", "",
+              f"First-loss spread across the training cases: "
+              f"{sanity.get('first_loss_max_abs_diff', float('nan')):.2e}."]
+    if diffs:
+        lines[-1] += (" Relative differences of the inference logits (non-zero adapters, the "
+                      "same weights in both libraries):")
+        lines += ["", "| method | ours vs base | ours vs peft | merged vs unmerged |",
+                  "|---|---:|---:|---:|"]
+    for key, d in diffs.items():
+        lines.append(f"| {key} | {_sci(d.get('dt_unmerged_vs_base'))} | "
+                     f"{_sci(d.get('dt_unmerged_vs_peft_unmerged'))} | "
+                     f"{_sci(d.get('dt_merged_vs_dt_unmerged'))} |")
+    for key, reason in report.get("skipped_methods", {}).items():
+        lines += ["", f"Skipped: {key} — {reason}."]
+    lines += h.memory_error_lines(report)
+    return "\n".join(lines) + "\n"
+
+
+SUITE = h.Suite(name="methods_speed", description=__doc__, cases=CASES, check=check_outputs,
+                markdown=markdown, default_steps=25, definitions=DEFINITIONS,
+                annotate=annotate, skipped=SKIPPED_CASES)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    return h.main(SUITE, argv)
+
+
+if __name__ == "__main__":
+    main()
