@@ -41,18 +41,35 @@ from .core.lifecycle import (
 from .core.registry import get_method, methods, register
 from .core.state import load, save
 from .core.structures import StructureMap, register_structure
-from .methods import LoraConfig
+from .methods import (
+    AdapterConfig,
+    BitFitConfig,
+    CompacterConfig,
+    IA3Config,
+    LNTuningConfig,
+    LoraConfig,
+    SSFConfig,
+    houlsby,
+    parallel_adapter,
+    pfeiffer,
+)
 
 __all__ = [
+    "AdapterConfig",
     "AdapterFileError",
     "AdapterNameError",
+    "BitFitConfig",
+    "CompacterConfig",
     "ConfigError",
     "Cost",
     "Delta",
     "DeltaConfig",
     "DeltaError",
+    "IA3Config",
+    "LNTuningConfig",
     "LoraConfig",
     "MergeError",
+    "SSFConfig",
     "ShapeMismatchError",
     "StateError",
     "StructureMap",
@@ -67,11 +84,14 @@ __all__ = [
     "delete",
     "disabled",
     "get_method",
+    "houlsby",
     "inject",
     "load",
     "merge",
     "merged_adapters",
     "methods",
+    "parallel_adapter",
+    "pfeiffer",
     "register",
     "register_structure",
     "save",

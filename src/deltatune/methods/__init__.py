@@ -7,9 +7,15 @@ Importing this package registers every method: each module in it is imported, an
 import importlib
 import pkgutil
 
+from .adapter import AdapterConfig, houlsby, parallel_adapter, pfeiffer
+from .compacter import CompacterConfig
+from .ia3 import IA3Config
 from .lora import LoraConfig, LoraDelta
+from .selective import BitFitConfig, LNTuningConfig
+from .ssf import SSFConfig
 
 for _info in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_info.name}")
 
-__all__ = ["LoraConfig", "LoraDelta"]
+__all__ = ["AdapterConfig", "BitFitConfig", "CompacterConfig", "IA3Config", "LNTuningConfig",
+           "LoraConfig", "LoraDelta", "SSFConfig", "houlsby", "parallel_adapter", "pfeiffer"]
