@@ -16,7 +16,7 @@ import torch
 import deltatune as dt
 from deltatune.core.delta import Delta
 from deltatune.core.lifecycle import delta_layers
-from deltatune.core.targeting import Matcher, module_config
+from deltatune.core.targeting import Matcher, module_config, resolve_targets
 from helpers import (
     adaptable,
     assert_differs,
@@ -64,14 +64,33 @@ def tolerance(method: str, dtype: torch.dtype = torch.float32) -> float:
 
 
 def make_config(method: str, model, **kwargs):
+    """The method's example config on every module of ``model`` it can adapt (or on its
+    default targets, for methods placed at one position: a prompt, a prefix per attention)."""
     cls = delta_class(method)
     variant = getattr(method, "kwargs", {})
+
+    def build(targets):  # model-level fields (prefix tuning's attention geometry) filled in
+        return cls.complete(model, cls.config_class(targets=targets, **variant, **kwargs))
+
+    try:
+        build(None)
+    except dt.TargetError as exc:
+        pytest.skip(f"{method} does not apply to this model: {exc}")
     probe = cls.config_class(targets=["_"], **variant, **kwargs)  # for the per-module check
     targets = adaptable(model, cls.layer_kinds, lambda m, info: cls.supports(m, info, probe))
-    if not targets:
+    if targets:
+        try:  # methods placed at one model-level position refuse a broad selection
+            return build(targets)
+        except dt.TargetError:
+            pass
+    try:
+        config = build(cls.default_targets)
+        resolve_targets(model, config, cls.layer_kinds, cls.default_targets, method,
+                        cls.supports)
+        return config
+    except dt.TargetError:
         pytest.skip(f"{method.label if hasattr(method, 'label') else method} adapts no module "
                     "of this model")
-    return cls.config_class(targets=targets, **variant, **kwargs)
 
 
 def adapted(method, case, dtype=torch.float32, name="a", seed=0):
@@ -84,8 +103,15 @@ def adapted(method, case, dtype=torch.float32, name="a", seed=0):
     perturb(model, scale=PERTURB)
     with torch.no_grad():
         y1 = run(model, inputs)
-    assert_differs(y1, y0, f"{method} on {case}")
+    assert_differs(comparable(y1, y0), y0, f"{method} on {case}")
     return model, inputs, y0, y1
+
+
+def comparable(y, y0):
+    """``y`` cut to ``y0``'s positions: soft input tokens (prompt tuning) come first."""
+    if y.dim() >= 2 and y0.dim() >= 2 and y.shape[1] > y0.shape[1]:
+        return y[:, y.shape[1] - y0.shape[1]:]
+    return y
 
 
 def weights(model) -> dict[str, torch.Tensor]:
@@ -250,6 +276,22 @@ def test_two_deltas_compose_as_declared(pair):
     dt.inject(model, config, name="b")
     perturb(model, "a", seed=1, scale=PERTURB)
     perturb(model, "b", seed=2, scale=PERTURB)
+    if cls.composition == "concat":  # tokens: a's then b's, one longer sequence
+        outs = {}
+        for names in ([], ["a"], ["b"], ["a", "b"]):
+            dt.activate(model, names)
+            with torch.no_grad():
+                outs[tuple(names)] = run(model, inputs)
+        ab = outs[("a", "b")]
+        for other in (("a",), ("b",)):
+            assert_differs(comparable(ab, outs[other]), comparable(outs[other], ab),
+                           f"{other} vs a+b")
+        n = {name: next(d.num_tokens for layer in delta_layers(model).values()
+                        for k, d in layer.deltas.items() if k == name) for name in "ab"}
+        base, a_only = outs[()], outs[("a",)]
+        if a_only.shape != base.shape:  # the output keeps every soft position (decoder-only)
+            assert ab.shape[1] == a_only.shape[1] + n["b"] == base.shape[1] + n["a"] + n["b"]
+        return
     path, layer = next(iter(delta_layers(model).items()))
     seen = {}
     hook = layer.register_forward_pre_hook(lambda mod, args: seen.setdefault("x", args[0]))
@@ -289,13 +331,15 @@ def test_trainable_count_matches_formula(pair):
     config = make_config(method, model)
     predicted = dt.cost(model, config)
     matcher = Matcher(model)
-    formula = sum(cls.num_trainable(matcher.info(p), module_config(matcher, config, p))
-                  for p in config.targets)
-    formula += cls.num_shared(config, {p: matcher.info(p) for p in config.targets})
+    targets = resolve_targets(model, config, cls.layer_kinds, cls.default_targets, method,
+                              cls.supports)
+    formula = sum(cls.num_trainable(info, module_config(matcher, config, p))
+                  for p, info in targets.items())
+    formula += cls.num_shared(config, targets)
     dt.inject(model, config, name="a")
     counted = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert counted == formula == predicted.params == dt.summary(model).trainable_params
-    assert predicted.modules == len(config.targets) == len(delta_layers(model))
+    assert predicted.modules == len(targets) == len(delta_layers(model))
 
 
 def test_config_json_round_trip(pair):

@@ -108,6 +108,7 @@ def cost(model: nn.Module, config: DeltaConfig) -> Cost:
 
     spec = get_method(config.method)
     cls = spec.delta_class
+    config = cls.complete(model, config)
     targets = resolve_targets(model, config, cls.layer_kinds, cls.default_targets, spec.name,
                               cls.supports)
     matcher = Matcher(model)

@@ -10,6 +10,11 @@ forms:
 * ``"weight"``: it changes the base layer's own parameters, ``θ + Δθ`` (``delta_params``), and
   the layer runs once with them. This is how selected-parameter methods (BitFit, LayerNorm
   tuning, sparse deltas) work on any module type without knowing its forward.
+* ``"tokens"``: it adds positions to a sequence — soft tokens before the input embeddings
+  (prompt tuning, ``tokens_at = "inputs"``) or keys and values before every attention's own
+  (prefix tuning, ``tokens_at = "keys"``). Its layer is where it lives (and is saved); it acts
+  once per model call, through ``prepare_call``, and ``core.sequence`` keeps the model's other
+  inputs (attention mask, labels, positions) consistent with the longer sequence.
 
 Mergeable deltas say how they fold into the base layer's parameters; the machinery that merges
 (fp32 math, NaN checks, dtype casts, ordering, unmerge) is written once in ``lifecycle``.
@@ -30,6 +35,7 @@ from .geometry import LayerInfo
 
 if TYPE_CHECKING:
     from .config import DeltaConfig
+    from .sequence import TokenCall
 
 Params = dict[str, "Tensor | None"]
 
@@ -65,6 +71,8 @@ class Delta(nn.Module):
     #: added to the base parameters for the forward (weight deltas act on the base layer
     #: itself, before every output-form delta, as merged ones do).
     form: ClassVar[str] = "output"
+    #: Tokens form: "inputs" (prepended to the input embeddings) or "keys" (to attention keys).
+    tokens_at: ClassVar[str] = ""
     #: Whether ``forward`` reads the base output ``y`` beyond adding to it (sequential forms:
     #: ``y + f(y)``); such deltas see the same base output when several are summed.
     reads_output: ClassVar[bool] = False
@@ -87,6 +95,8 @@ class Delta(nn.Module):
         self.adapter_config: DeltaConfig = config
         #: Whether ``forward`` receives the tapped sub-layer input as ``x`` (parallel forms).
         self.reads_tap = False
+        #: Tokens form: how many positions this delta adds to the sequence.
+        self.num_tokens = 0
 
     # ------------------------------------------------------------------------- to implement
     def reset_parameters(self, base: nn.Module) -> None:
@@ -134,6 +144,20 @@ class Delta(nn.Module):
         """Inverse of ``merged_params``: the parameters before this delta was folded in."""
         return {key: params[key] - delta.float() for key, delta in self.delta_params().items()
                 if delta is not None}
+
+    @classmethod
+    def complete(cls, model: nn.Module, config: DeltaConfig) -> DeltaConfig:
+        """``config`` with fields that depend on the model filled in, before targeting (e.g.
+        prefix tuning's key/value head geometry). Saved with the adapter, so a load builds the
+        same shapes. The default returns ``config`` unchanged."""
+        return config
+
+    @classmethod
+    def prepare_call(cls, call: TokenCall, deltas: Sequence[Delta]) -> None:
+        """Tokens form: act on one model call (``call``, see ``core.sequence``) with this
+        method's active deltas, in module order (e.g. prepend prompts to the input embeddings,
+        pre-fill the key/value cache with prefixes)."""
+        raise NotImplementedError(f"{cls.__name__} has no tokens form")
 
     @classmethod
     def build_shared(cls, config: DeltaConfig,

@@ -15,6 +15,7 @@ from .geometry import LayerInfo
 from .layers import DeltaLayer
 from .lifecycle import activate, active_adapters, adapters, combination, delta_layers
 from .registry import get_method
+from .sequence import sync
 from .targeting import Matcher, module_config, resolve_targets, walk
 
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]{0,127}")
@@ -64,6 +65,7 @@ def inject(
     if spec is None or not isinstance(config, spec.config_class):
         raise ConfigError(f"{type(config).__name__} is not a registered method's config")
     cls = spec.delta_class
+    config = cls.complete(model, config)
     targets = resolve_targets(model, config, cls.layer_kinds, cls.default_targets, spec.name,
                               cls.supports)
     return attach(model, config, name, targets, trainable=trainable, init=True)
@@ -109,6 +111,7 @@ def attach(
         layer.add(name, delta, matcher.modules[info.tap] if delta.reads_tap else None)
         delta.requires_grad_(trainable)
     _freeze_base(model)
+    sync(model)
     if isinstance(mode, dict):  # keep the weights; the new delta joins at weight 1
         activate(model, [*active_adapters(model), name], weights={**mode, name: 1.0})
     else:

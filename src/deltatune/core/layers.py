@@ -140,7 +140,7 @@ class DeltaLayer(nn.Module):
         live = [n for n in self.active if n not in merged]
         self._weight_plan = tuple((self.deltas[n], self.weight_of(n)) for n in live
                                   if self.deltas[n].form == "weight")
-        out = [n for n in live if self.deltas[n].form != "weight"]
+        out = [n for n in live if self.deltas[n].form == "output"]  # tokens act per model call
         self._plan = tuple(self.deltas[n] for n in out)
         self._weights = (tuple(self.weight_of(n) for n in out)
                          if not isinstance(self.combine, str) else None)

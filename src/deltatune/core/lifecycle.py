@@ -182,6 +182,7 @@ def delete(model: nn.Module, name: str) -> None:
             layer.remove(name)
             if not layer.deltas:
                 _unwrap(model, path, layer)
+    _sync_sequence(model)
 
 
 def merge(model: nn.Module, names: str | Iterable[str] | None = None, *,
@@ -257,6 +258,7 @@ def unload(model: nn.Module, *, merge: bool = False, safe: bool = True) -> nn.Mo
         unmerge(model)
     for path, layer in delta_layers(model).items():
         _unwrap(model, path, layer)
+    _sync_sequence(model)
     return model
 
 
@@ -264,6 +266,12 @@ _merge = merge  # `unload`'s keyword argument shadows the function's name
 
 
 # ------------------------------------------------------------------------------ internals
+def _sync_sequence(model: nn.Module) -> None:
+    from .sequence import sync
+
+    sync(model)
+
+
 def _unwrap(model: nn.Module, path: str, layer: DeltaLayer) -> None:
     from .inject import set_module
     from .targeting import walk

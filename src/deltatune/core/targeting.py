@@ -8,7 +8,10 @@ Syntax (shared by ``targets``, ``exclude`` and ``overrides`` keys):
   model's structure map; a sub-layer name (``"attn"``, ``"ffn"``) selects the sub-layer's
   output projection and records the sub-layer's input as its tap;
 * a string (not a list) is a regular expression that must match the whole module name;
-* ``"all-linear"`` is every Linear / HF Conv1D layer except the output head.
+* ``"all-linear"`` is every Linear / HF Conv1D layer except the output head;
+* ``"input-embeddings"`` is the token embedding that reads the model's ``input_ids`` (the
+  encoder's in an encoder-decoder model; ``get_input_embeddings()`` on Hugging Face models,
+  else the model's only ``nn.Embedding`` outside the output head).
 
 Module names are *logical*: the names of the unmodified model, whatever wrappers were injected.
 """
@@ -32,6 +35,7 @@ from .structures import BLOCK_NAMES, CANONICAL_NAMES, StructureMap, structure_fo
 _CANONICAL = frozenset(CANONICAL_NAMES) | frozenset(BLOCK_NAMES)
 
 ALL_LINEAR = "all-linear"
+INPUT_EMBEDDINGS = "input-embeddings"
 #: Top-level children treated as task heads and left out of "all-linear".
 HEAD_NAMES = frozenset({"lm_head", "classifier", "score", "qa_outputs", "cls", "head", "heads"})
 
@@ -127,6 +131,8 @@ class Matcher:
             TargetError: an entry matches nothing; the message lists close names.
         """
         if isinstance(spec, str):
+            if spec == INPUT_EMBEDDINGS:
+                return [[self.input_embeddings()]]
             if spec == ALL_LINEAR:
                 heads = self.output_heads()
                 return [[n for n in self.names if self.info(n) is not None
@@ -159,6 +165,8 @@ class Matcher:
     def matches(self, name: str, spec: Sequence[str] | str) -> bool:
         """Whether module ``name`` is selected by ``spec`` (a list of entries or a regex)."""
         if isinstance(spec, str):
+            if spec == INPUT_EMBEDDINGS:
+                return name == self.input_embeddings()
             return re.fullmatch(spec, name) is not None
         return any(self.entry_matches(name, entry) for entry in spec)
 
@@ -192,6 +200,33 @@ class Matcher:
             return layer_info(self.modules[name])
         except TargetError:
             return None
+
+    def input_embeddings(self) -> str:
+        """Name of the token embedding that reads ``input_ids`` (see the module docstring).
+
+        Raises:
+            TargetError: none, or several candidates on a model without
+                ``get_input_embeddings``.
+        """
+        model = self.model
+        if getattr(getattr(model, "config", None), "is_encoder_decoder", False) and callable(
+                getattr(model, "get_encoder", None)):
+            model = model.get_encoder()
+        get_in = getattr(model, "get_input_embeddings", None)
+        found = _unwrap(get_in()) if callable(get_in) else None
+        if found is not None:
+            names = [n for n, m in self.modules.items() if m is found]
+            if names:
+                return names[0]
+        heads = self.output_heads()
+        names = [n for n, m in self.modules.items() if isinstance(m, nn.Embedding)
+                 and n not in heads and self.canonical(n) == n]
+        if len(names) == 1:
+            return names[0]
+        raise TargetError(
+            f"cannot tell which embedding of {type(self.model).__name__} reads the input ids "
+            f"({'none found' if not names else f'candidates: {names}'}); give targets=[its "
+            "module name]")
 
     def output_heads(self) -> set[str]:
         """Names of the output embedding and top-level task heads."""
@@ -256,18 +291,22 @@ def resolve_targets(
     spec = config.targets if config.targets is not None else default
     chosen: dict[str, LayerInfo] = {}
     for entry, hits in zip(_entries(spec), matcher.select(spec, "targets"), strict=True):
-        ok = [n for n in hits if (i := matcher.info(n)) is not None and i.kind in kinds
-              and supports(matcher.modules[n], i, config) is None]
-        if not ok:
-            raise TargetError(_unadaptable(matcher, entry, hits, kinds, method, supports,
-                                           config))
-        for n in ok:
+        ok = {}
+        for n in hits:
             info = matcher.info(n)
+            if info is None or info.kind not in kinds:
+                continue
             tap = matcher.tap(n, entry)
             if tap is not None:
                 info = dataclasses.replace(info, tap=matcher.canonical(tap))
             elif (old := chosen.get(matcher.canonical(n))) is not None:
                 info = old  # keep a tap found through an earlier entry
+            if supports(matcher.modules[n], info, config) is None:  # sees the tap too
+                ok[n] = info
+        if not ok:
+            raise TargetError(_unadaptable(matcher, entry, hits, kinds, method, supports,
+                                           config))
+        for n, info in ok.items():
             chosen[matcher.canonical(n)] = info
 
     if config.layers is not None:

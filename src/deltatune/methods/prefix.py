@@ -1,0 +1,252 @@
+"""Prefix tuning (Li & Liang 2021, arXiv:2101.00190; deep prompts of P-tuning v2, Liu et al.
+2022, arXiv:2110.07602): trained keys and values before every attention's own.
+
+    attn_l(x) = softmax(q [P_k,l ; K_l]ᵀ / √d) [P_v,l ; V_l]        P_k,l, P_v,l ∈ ℝ^{n×d_kv}
+
+One delta per attention layer, placed on the sub-layer ``attn`` (its output projection marks
+the layer; default targets). Per model call the prefixes enter the model through its key/value
+cache — the extension point transformers' attention layers have for extra keys — pre-filled
+before the first token; ``core.sequence`` prepends ``n`` ones to the attention mask. As in HF
+peft (and the original implementation), the real tokens' positions then start at ``n``. In
+``generate()`` the prefixes are filled once, at prefill, and stay in the cache. Works for the
+decoder-only and encoder models whose forward takes ``past_key_values`` (Llama family, GPT-2,
+GPT-NeoX, BERT, RoBERTa …); every attention layer must carry a prefix.
+
+``projection=h`` trains the paper's re-parameterisation instead: ``P_l = W_l tanh(W E + b) +
+b_l``, with the embedding ``E ∈ ℝ^{n×d_kv}`` and ``W`` shared by all layers; ``save`` writes the
+folded plain prefixes (and a config without the projection), so a loaded prefix costs nothing
+extra.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..core.config import DeltaConfig
+from ..core.delta import Delta
+from ..core.errors import ConfigError, TargetError
+from ..core.geometry import LayerInfo
+from ..core.registry import register
+from ..core.sequence import TokenCall
+
+
+def _positive(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrefixConfig(DeltaConfig):
+    """Prefix-tuning hyper-parameters (targeting fields: see ``DeltaConfig``).
+
+    Args:
+        num_tokens: prefix length ``n``.
+        projection: hidden size of the training-time MLP re-parameterisation (``None``: train
+            the prefixes directly).
+        init_std: ``σ`` of the ``N(0, σ²)`` initial prefixes (or embedding ``E``); 1.0 as in
+            HF peft.
+        kv_heads, head_dim, num_layers: the attention geometry, read from the model's config
+            by ``inject`` (leave them unset).
+    """
+
+    num_tokens: int = 20
+    projection: int | None = None
+    init_std: float = 1.0
+    kv_heads: int | None = None
+    head_dim: int | None = None
+    num_layers: int | None = None
+
+    def validate(self) -> None:
+        if not _positive(self.num_tokens):
+            raise ConfigError(f"num_tokens must be a positive integer, got {self.num_tokens!r}")
+        for key in ("projection", "kv_heads", "head_dim", "num_layers"):
+            value = getattr(self, key)
+            if value is not None and not _positive(value):
+                raise ConfigError(f"{key} must be a positive integer or None, got {value!r}")
+        std = self.init_std
+        if isinstance(std, bool) or not isinstance(std, (int, float)) or not (
+                math.isfinite(std) and std > 0):
+            raise ConfigError(f"init_std must be a positive number, got {std!r}")
+
+    @property
+    def kv_dim(self) -> int:
+        if self.kv_heads is None or self.head_dim is None:
+            raise ConfigError("the attention geometry is unset; inject the config into a model")
+        return self.kv_heads * self.head_dim
+
+    def for_saving(self) -> PrefixConfig:
+        return dataclasses.replace(self, projection=None)  # saved folded
+
+
+class _Projection(nn.Module):
+    """The shared half of the MLP re-parameterisation: ``tanh(W E + b)``."""
+
+    def __init__(self, config: PrefixConfig) -> None:
+        super().__init__()
+        self.embedding = nn.Parameter(torch.empty(config.num_tokens, config.kv_dim))  # (n, kv)
+        self.down = nn.Linear(config.kv_dim, config.projection)
+        self.init_std = config.init_std
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        self.embedding.normal_(0.0, self.init_std)
+        self.down.reset_parameters()
+
+    def forward(self) -> Tensor:
+        return torch.tanh(self.down(self.embedding))  # (n, h)
+
+
+@register("prefix", config=PrefixConfig)
+class PrefixDelta(Delta):
+    """Keys and values ``P_k, P_v`` (``n`` each) before one attention layer's own."""
+
+    form = "tokens"
+    tokens_at = "keys"
+    layer_kinds = frozenset({"linear"})
+    default_targets = ("attn",)
+    identity_at_init = False
+    composition = "concat"
+    examples = ({}, {"num_tokens": 3, "projection": 8})
+
+    def __init__(self, info: LayerInfo, config: PrefixConfig, path: str) -> None:
+        super().__init__(info, config, path)
+        n, kv = config.num_tokens, config.kv_dim
+        self.num_tokens = n
+        if config.projection is None:
+            self.prefix = nn.Parameter(torch.empty(2, n, kv))  # (keys | values, n, kv)
+        else:
+            self.up = nn.Linear(config.projection, 2 * kv)
+
+    @classmethod
+    def complete(cls, model: nn.Module, config: PrefixConfig) -> PrefixConfig:
+        hf = getattr(model, "config", None)
+        if hf is None or not any(_takes_cache(m) for m in model.modules()):
+            raise TargetError(f"prefix tuning needs a model whose forward takes past_key_values "
+                              f"(Hugging Face decoder-only or encoder models); "
+                              f"{type(model).__name__} does not: use prompt tuning instead")
+        if getattr(hf, "is_encoder_decoder", False):
+            raise TargetError("prefix tuning of encoder-decoder models is not supported yet; "
+                              "use prompt tuning (PromptConfig) on them")
+        heads = getattr(hf, "num_attention_heads", None)
+        hidden = getattr(hf, "hidden_size", None)
+        layers = getattr(hf, "num_hidden_layers", None)
+        if not (heads and hidden and layers):
+            raise TargetError(f"{type(model).__name__}'s config lacks num_attention_heads / "
+                              "hidden_size / num_hidden_layers; set kv_heads, head_dim and "
+                              "num_layers in PrefixConfig")
+        found = {"kv_heads": getattr(hf, "num_key_value_heads", None) or heads,
+                 "head_dim": getattr(hf, "head_dim", None) or hidden // heads,
+                 "num_layers": layers}
+        return dataclasses.replace(config, **{k: getattr(config, k) or v
+                                              for k, v in found.items()})
+
+    @classmethod
+    def supports(cls, module: nn.Module, info: LayerInfo, config: PrefixConfig) -> str | None:
+        if info.tap is None:
+            return ("a prefix belongs to a whole attention layer: target the sub-layer name "
+                    "'attn' (the default), not a single projection")
+        return None
+
+    @classmethod
+    def build_shared(cls, config: PrefixConfig,
+                     targets: Mapping[str, LayerInfo]) -> nn.Module | None:
+        return None if config.projection is None else _Projection(config)
+
+    @classmethod
+    def num_shared(cls, config: PrefixConfig, targets: Mapping[str, LayerInfo]) -> int:
+        if config.projection is None:
+            return 0
+        return config.num_tokens * config.kv_dim + (config.kv_dim + 1) * config.projection
+
+    @classmethod
+    def num_trainable(cls, info: LayerInfo, config: PrefixConfig) -> int:
+        if config.projection is None:
+            return 2 * config.num_tokens * config.kv_dim
+        return (config.projection + 1) * 2 * config.kv_dim
+
+    @torch.no_grad()
+    def reset_parameters(self, base: nn.Module) -> None:
+        if self.config.projection is None:
+            self.prefix.normal_(0.0, self.config.init_std)
+        else:
+            self.up.reset_parameters()
+
+    # --------------------------------------------------------------------------- compute
+    def prefixes(self) -> Tensor:
+        """``(2, n, kv)``: keys then values."""
+        if self.config.projection is None:
+            return self.prefix
+        return self.up(self.shared()).view(self.num_tokens, 2, -1).transpose(0, 1)
+
+    def keys_values(self, batch: int) -> tuple[Tensor, Tensor]:
+        """``(batch, kv_heads, n, head_dim)`` keys and values, as a cache holds them."""
+        c = self.config
+        kv = self.prefixes().view(2, self.num_tokens, c.kv_heads, c.head_dim).transpose(1, 2)
+        kv = kv.unsqueeze(1).expand(2, batch, *kv.shape[1:])  # (2, B, heads, n, hd)
+        return kv[0], kv[1]
+
+    @classmethod
+    def prepare_call(cls, call: TokenCall, deltas: Sequence[PrefixDelta]) -> None:
+        by_layer: dict[str, list[PrefixDelta]] = {}
+        for delta in deltas:
+            by_layer.setdefault(delta.path, []).append(delta)
+        counts: dict[int, int] = {}
+        for delta in deltas:
+            counts[id(delta.adapter_config)] = counts.get(id(delta.adapter_config), 0) + 1
+        for delta in deltas:
+            expected = delta.config.num_layers
+            if counts[id(delta.adapter_config)] != expected:
+                raise TargetError(
+                    f"prefix tuning needs a prefix on every attention layer: an active prefix "
+                    f"covers {counts[id(delta.adapter_config)]} of {expected}; drop layers= / "
+                    "exclude= (a prefix on the input alone is prompt tuning)")
+        first = next(iter(by_layer.values()))
+        call.keys += sum(d.num_tokens for d in first)
+        if not call.embeds_input:  # decoding over a cache that holds the prefixes already
+            return
+        from ..integrations.transformers import prefilled_cache
+
+        batch = call.batch_size
+        layers = []
+        for group in by_layer.values():
+            keys, values = zip(*(d.keys_values(batch) for d in group), strict=True)
+            layers.append((torch.cat(keys, 2), torch.cat(values, 2)))  # (B, heads, n, hd)
+        dtype = _activation_dtype(call)
+        if dtype is not None:
+            layers = [(k.to(dtype), v.to(dtype)) for k, v in layers]
+        call.kwargs["past_key_values"] = prefilled_cache(call.model, layers, call.cache())
+
+    # --------------------------------------------------------------------------- state
+    def state_tensors(self) -> dict[str, Tensor]:
+        return {"prefix": self.prefixes()}  # the projection is saved folded
+
+    def load_state_tensors(self, tensors: Mapping[str, Tensor]) -> None:
+        if self.config.projection is not None:
+            raise ConfigError("prefixes are saved folded; load them into a config without "
+                              "projection (as saved)")
+        super().load_state_tensors(tensors)
+
+
+def _takes_cache(module: nn.Module) -> bool:
+    """Whether ``module``'s forward takes a key/value cache (transformers attention layers)."""
+    try:
+        return "past_key_values" in inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _activation_dtype(call: TokenCall) -> torch.dtype | None:
+    """The dtype of the model's floating-point parameters (the cache holds activations)."""
+    for p in call.model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return None
+
+
+__all__ = ["PrefixConfig", "PrefixDelta"]
