@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 # Load (and so register) every method first: importing the `methods` subpackage binds the name
 # `methods` in this namespace, and the function `methods()` imported below must win.
 from . import methods as _methods_package  # noqa: F401
+from . import recipes
 from .core.accounting import Cost, Summary, cost, summary
 from .core.config import DeltaConfig, config_from_dict
 from .core.delta import Delta
@@ -48,6 +49,8 @@ from .methods import (
     IA3Config,
     LNTuningConfig,
     LoraConfig,
+    PrefixConfig,
+    PromptConfig,
     SSFConfig,
     houlsby,
     parallel_adapter,
@@ -69,6 +72,8 @@ __all__ = [
     "LNTuningConfig",
     "LoraConfig",
     "MergeError",
+    "PrefixConfig",
+    "PromptConfig",
     "SSFConfig",
     "ShapeMismatchError",
     "StateError",
@@ -92,6 +97,7 @@ __all__ = [
     "methods",
     "parallel_adapter",
     "pfeiffer",
+    "recipes",
     "register",
     "register_structure",
     "save",

@@ -58,6 +58,12 @@ def delta_class(method: str) -> type[Delta]:
     return dt.get_method(method).delta_class
 
 
+def mergeable(method: str) -> bool:
+    """The declared capability, for this example's config (a gated delta never merges)."""
+    cls = delta_class(method)
+    return cls.can_merge(cls.config_class(**getattr(method, "kwargs", {})))
+
+
 def tolerance(method: str, dtype: torch.dtype = torch.float32) -> float:
     cls = delta_class(method)
     return cls.tolerance_for(cls.config_class(**getattr(method, "kwargs", {})))[dtype]
@@ -77,7 +83,7 @@ def make_config(method: str, model, **kwargs):
     except dt.TargetError as exc:
         pytest.skip(f"{method} does not apply to this model: {exc}")
     probe = cls.config_class(targets=["_"], **variant, **kwargs)  # for the per-module check
-    targets = adaptable(model, cls.layer_kinds, lambda m, info: cls.supports(m, info, probe))
+    targets = adaptable(model, cls.layer_kinds, lambda m, info: cls.accepts(m, info, probe))
     if targets:
         try:  # methods placed at one model-level position refuse a broad selection
             return build(targets)
@@ -86,7 +92,7 @@ def make_config(method: str, model, **kwargs):
     try:
         config = build(cls.default_targets)
         resolve_targets(model, config, cls.layer_kinds, cls.default_targets, method,
-                        cls.supports)
+                        cls.accepts)
         return config
     except dt.TargetError:
         pytest.skip(f"{method.label if hasattr(method, 'label') else method} adapts no module "
@@ -162,9 +168,8 @@ def test_training_changes_only_delta_params(pair):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_merged_equals_unmerged(pair, dtype):
     method, case = pair
-    cls = delta_class(method)
-    if not cls.mergeable:
-        pytest.skip(f"{method} declares mergeable=False")
+    if not mergeable(method):
+        pytest.skip(f"{method} declares mergeable=False (or is gated)")
     model, inputs, _, y_unmerged = adapted(method, case, dtype)
     w_before = weights(model)
     dt.merge(model)
@@ -180,9 +185,8 @@ def test_merged_equals_unmerged(pair, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_unmerge_restores_base_weights(pair, dtype):
     method, case = pair
-    cls = delta_class(method)
-    if not cls.mergeable:
-        pytest.skip(f"{method} declares mergeable=False")
+    if not mergeable(method):
+        pytest.skip(f"{method} declares mergeable=False (or is gated)")
     model, inputs, _, y1 = adapted(method, case, dtype)
     before = base_tensors(model)
     dt.merge(model)
@@ -202,8 +206,8 @@ def test_unmerge_restores_base_weights(pair, dtype):
 
 def test_merge_twice_is_merge_once(pair):
     method, case = pair
-    if not delta_class(method).mergeable:
-        pytest.skip(f"{method} declares mergeable=False")
+    if not mergeable(method):
+        pytest.skip(f"{method} declares mergeable=False (or is gated)")
     model, _, _, _ = adapted(method, case)
     dt.merge(model)
     once = base_tensors(model)
@@ -216,9 +220,8 @@ def test_merge_twice_is_merge_once(pair):
 
 def test_unload_merge_gives_plain_model(pair):
     method, case = pair
-    cls = delta_class(method)
-    if not cls.mergeable:
-        pytest.skip(f"{method} declares mergeable=False")
+    if not mergeable(method):
+        pytest.skip(f"{method} declares mergeable=False (or is gated)")
     model, inputs, _, y1 = adapted(method, case)
     targets = list(delta_layers(model))
     plain = dt.unload(model, merge=True)
@@ -233,7 +236,7 @@ def test_unload_merge_gives_plain_model(pair):
 def test_unload_without_merge_gives_base_model(pair):
     method, case = pair
     model, inputs, y0, _ = adapted(method, case)
-    if delta_class(method).mergeable:
+    if mergeable(method):
         dt.merge(model)
     plain = dt.unload(model)
     assert no_deltatune_modules(plain)
@@ -318,7 +321,7 @@ def test_two_deltas_compose_as_declared(pair):
                          f"affine composition ({path})")
     else:
         pytest.fail(f"unknown composition {cls.composition!r}")
-    if cls.mergeable:
+    if mergeable(method):
         dt.merge(model)
         with torch.no_grad():
             assert_rel_close(layer(x), yab, tol, "both deltas merged")
@@ -332,8 +335,8 @@ def test_trainable_count_matches_formula(pair):
     predicted = dt.cost(model, config)
     matcher = Matcher(model)
     targets = resolve_targets(model, config, cls.layer_kinds, cls.default_targets, method,
-                              cls.supports)
-    formula = sum(cls.num_trainable(info, module_config(matcher, config, p))
+                              cls.accepts)
+    formula = sum(cls.trainable_count(info, module_config(matcher, config, p))
                   for p, info in targets.items())
     formula += cls.num_shared(config, targets)
     dt.inject(model, config, name="a")

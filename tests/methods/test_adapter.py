@@ -42,7 +42,7 @@ def naive_f(delta: AdapterDelta, z: torch.Tensor) -> torch.Tensor:
     a = z @ delta.down.T + (delta.down_bias if c.bias else 0)
     u = ACT[c.activation](a) @ delta.up.T + (delta.up_bias if c.bias else 0)
     if c.gate:
-        u = u * torch.sigmoid(z @ delta.gate.T + delta.gate_bias)
+        u = u * torch.sigmoid(z @ delta.gate.weight.T + delta.gate.bias)
     return (delta.learned_scale if c.learned_scale else c.scale) * u
 
 
@@ -104,7 +104,7 @@ def test_inits_start_as_identity():
     for d in (bert_d, kaiming_d):
         assert torch.count_nonzero(d.up) == 0 and torch.count_nonzero(d.up_bias) == 0
         assert torch.count_nonzero(d.down_bias) == 0
-    assert kaiming_d.learned_scale.item() == 3.0 and kaiming_d.gate.std() > 0
+    assert kaiming_d.learned_scale.item() == 3.0 and kaiming_d.gate.weight.std() > 0
 
 
 def test_dropout_acts_on_the_bottleneck_in_training_only():

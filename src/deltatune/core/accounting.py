@@ -110,7 +110,7 @@ def cost(model: nn.Module, config: DeltaConfig) -> Cost:
     cls = spec.delta_class
     config = cls.complete(model, config)
     targets = resolve_targets(model, config, cls.layer_kinds, cls.default_targets, spec.name,
-                              cls.supports)
+                              cls.accepts)
     matcher = Matcher(model)
     shared = build_shared(cls, config, targets, matcher, device="meta")
     unique_new = {}

@@ -85,6 +85,10 @@ class DeltaConfig:
             list-entry syntax of ``targets``; the first matching key wins.
         dtype: dtype of the delta's parameters (``"float32"`` keeps fp32 master weights on a
             bf16 base); ``None`` uses the base layer's dtype.
+        gate: put each delta behind a learned gate (UniPELT, Mao et al. 2022): its effect is
+            multiplied by ``sigmoid(w·z + b)``, one scalar per position computed from the
+            delta's input ``z`` (methods that gate differently say so). A gated delta depends
+            on the input, so it is never merged.
     """
 
     method: ClassVar[str] = ""
@@ -98,6 +102,7 @@ class DeltaConfig:
     layers: Sequence[int] | None = None
     overrides: Mapping[str, Mapping[str, Any]] | None = None
     dtype: str | None = None
+    gate: bool = False
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -117,6 +122,8 @@ class DeltaConfig:
             isinstance(i, int) and not isinstance(i, bool) for i in self.layers
         ):
             raise ConfigError(f"layers must be a list of block indices, got {self.layers!r}")
+        if not isinstance(self.gate, bool):
+            raise ConfigError(f"gate must be True or False, got {self.gate!r}")
         if self.dtype is not None and self.dtype not in _DTYPES:
             raise ConfigError(f"dtype must be one of {_DTYPES} or None, got {self.dtype!r}")
         if self.overrides is not None:

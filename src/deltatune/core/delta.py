@@ -25,10 +25,12 @@ test-suite read instead of special-casing methods by name.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .geometry import LayerInfo
@@ -71,6 +73,10 @@ class Delta(nn.Module):
     #: added to the base parameters for the forward (weight deltas act on the base layer
     #: itself, before every output-form delta, as merged ones do).
     form: ClassVar[str] = "output"
+    #: How ``config.gate`` applies: "output" (the core multiplies the delta's effect by a
+    #: ``Gate`` of ``gate_input``), "own" (the method gates itself, e.g. prefix tuning) or ""
+    #: (not gateable: weight-form and scaling methods, whose effect is not one added term).
+    gating: ClassVar[str] = ""
     #: Tokens form: "inputs" (prepended to the input embeddings) or "keys" (to attention keys).
     tokens_at: ClassVar[str] = ""
     #: Whether ``forward`` reads the base output ``y`` beyond adding to it (sequential forms:
@@ -97,6 +103,8 @@ class Delta(nn.Module):
         self.reads_tap = False
         #: Tokens form: how many positions this delta adds to the sequence.
         self.num_tokens = 0
+        #: The core's gate when ``config.gate`` and ``gating == "output"`` (set by the core).
+        self.gate: Gate | None = None
 
     # ------------------------------------------------------------------------- to implement
     def reset_parameters(self, base: nn.Module) -> None:
@@ -195,6 +203,56 @@ class Delta(nn.Module):
         """The method's own formula for its trainable parameter count on one layer."""
         raise NotImplementedError
 
+    def gate_input(self, x: Tensor, y: Tensor) -> Tensor:
+        """What the core gate reads: the layer input ``x`` (default; width ``gate_dim``)."""
+        return x
+
+    @classmethod
+    def gate_dim(cls, info: LayerInfo, config: DeltaConfig) -> int | None:
+        """Width of ``gate_input`` (default: a Linear layer's fan-in); ``None`` where the
+        input has no feature axis last (convolutions, embedding ids), so no gate fits."""
+        return info.in_dim if info.kind == "linear" else None
+
+    @classmethod
+    def accepts(cls, module: nn.Module, info: LayerInfo, config: DeltaConfig) -> str | None:
+        """``supports`` plus the core's own conditions (a gate needs ``gate_dim``)."""
+        if config.gate and cls.gating == "output" and cls.gate_dim(info, config) is None:
+            return (f"a gate reads the layer input's last axis, and {info.kind} layers have "
+                    "none to read; gate Linear layers only")
+        return cls.supports(module, info, config)
+
+    @classmethod
+    def can_merge(cls, config: DeltaConfig) -> bool:
+        """Whether deltas made with ``config`` fold into the weights (never when gated)."""
+        return cls.mergeable and not config.gate
+
+    @classmethod
+    def trainable_count(cls, info: LayerInfo, config: DeltaConfig) -> int:
+        """Trainable parameters on one layer: the method's formula plus the core's gate."""
+        gate = cls.gate_dim(info, config) + 1 if config.gate and cls.gating == "output" else 0
+        return cls.num_trainable(info, config) + gate
+
+    @property
+    def gated(self) -> bool:
+        """Whether the core multiplies this delta's effect by its gate."""
+        return self.gate is not None
+
+    def saved_tensors(self) -> dict[str, Tensor]:
+        """What ``save`` writes: ``state_tensors`` plus the core gate's (``gate.*``)."""
+        out = self.state_tensors()
+        if self.gate is not None:
+            out.update({f"gate.{k}": v for k, v in self.gate.state_dict(keep_vars=True).items()})
+        return out
+
+    def load_saved(self, tensors: Mapping[str, Tensor]) -> None:
+        """Inverse of ``saved_tensors``."""
+        own = {k: v for k, v in tensors.items() if not k.startswith("gate.")}
+        if self.gate is not None:
+            with torch.no_grad():
+                for key, value in self.gate.state_dict(keep_vars=True).items():
+                    value.copy_(tensors[f"gate.{key}"])
+        self.load_state_tensors(own)
+
     # --------------------------------------------------------------------------- state
     def state_tensors(self) -> dict[str, Tensor]:
         """Tensors to save, by local name (default: parameters and persistent buffers)."""
@@ -215,3 +273,22 @@ class Delta(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.method}: {self.path}"
+
+
+class Gate(nn.Module):
+    """``sigmoid(w·z + b)``: one learned scalar per position (UniPELT, Mao et al. 2022,
+    arXiv:2110.07577), multiplying a delta's effect. ``w`` is Kaiming-uniform, ``b = 0``."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(1, dim))  # (1, d)
+        self.bias = nn.Parameter(torch.zeros(1))
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.bias)
+
+    def forward(self, z: Tensor) -> Tensor:
+        w, b = Delta.cast(self.weight, z), Delta.cast(self.bias, z)
+        return torch.sigmoid(F.linear(z, w, b))  # (..., 1)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .config import DeltaConfig
-from .delta import Delta
+from .delta import Delta, Gate
 from .errors import AdapterNameError, ConfigError, TargetError
 from .geometry import LayerInfo
 from .layers import DeltaLayer
@@ -67,7 +67,7 @@ def inject(
     cls = spec.delta_class
     config = cls.complete(model, config)
     targets = resolve_targets(model, config, cls.layer_kinds, cls.default_targets, spec.name,
-                              cls.supports)
+                              cls.accepts)
     return attach(model, config, name, targets, trainable=trainable, init=True)
 
 
@@ -129,12 +129,20 @@ def build_delta(cls: type[Delta], base: nn.Module, info: LayerInfo, config: Delt
     ``shared`` (from ``build_shared``) becomes the delta's ``shared`` submodule.
     """
     dtype, device = _placement(base, config, path, device)
+    if config.gate and not cls.gating:
+        raise ConfigError(f"{cls.method!r} deltas cannot be gated ({path}): a gate multiplies "
+                          "one added effect, and this method's is a weight change or a "
+                          "scaling; drop gate=True")
     with torch.device(device):
         delta = cls(info, config, path)
+        if config.gate and cls.gating == "output":
+            delta.gate = Gate(cls.gate_dim(info, config))
     if shared is not None:
         delta.shared = shared
     if init and device.type != "meta":
         delta.reset_parameters(base)
+        if delta.gate is not None:
+            delta.gate.reset_parameters()
     return delta.to(dtype=dtype)
 
 

@@ -20,6 +20,9 @@ output-form deltas then apply in activation order: input-position deltas rewrite
 * weights ``(w_1, …)``: ``y = y_0 + Σ w_i · effect_i`` over additive-composition deltas (a
   weighted average when the weights sum to one).
 
+A gated delta (``config.gate``) adds ``g(z) · effect`` instead of its effect, ``g`` a learned
+per-position scalar of the delta's ``gate_input`` (UniPELT's gates).
+
 The unmerged forward equals the merged one for every combination that can be merged.
 
 Taps. A delta whose target was found through a sub-layer name (``ffn``) may read the sub-layer's
@@ -148,7 +151,7 @@ class DeltaLayer(nn.Module):
         sum_needed = (self.combine == "sum"
                       and sum(d.reads_output for d in self._plan) > 1)
         self._simple = not (self._weight_plan or self._live_taps or sum_needed
-                            or self._weights is not None
+                            or self._weights is not None or any(d.gated for d in self._plan)
                             or any(d.transforms_input for d in self._plan))
 
     # ----------------------------------------------------------------------------- forward
@@ -178,12 +181,17 @@ class DeltaLayer(nn.Module):
         summed = self.combine == "sum"
         for i, delta in enumerate(plan):
             xi = self._tap_input(delta) if delta.reads_tap else inputs[i]
-            if weights is not None:
-                y = y + weights[i] * delta.effect(xi, y0)
-            elif summed and delta.reads_output:
-                y = y + delta.effect(xi, y0)
+            if weights is not None or (summed and delta.reads_output):
+                source = y0  # summed deltas all read the base output
+            elif delta.gated:
+                source = y
             else:
                 y = delta.forward(xi, y)
+                continue
+            effect = delta.effect(xi, source)
+            if delta.gated:
+                effect = effect * delta.gate(delta.gate_input(xi, source))  # (..., 1) per position
+            y = y + (effect if weights is None else weights[i] * effect)
         return y
 
     def _base(self, x: Tensor, args: tuple, kwargs: dict) -> Any:

@@ -299,6 +299,9 @@ def _merge_plan(model: nn.Module, names: list[str]) -> list[tuple[str, DeltaLaye
                                  "merging folds deltas in at weight 1. Activate without "
                                  "weights first (or combine deltas with deltatune's merging "
                                  "tools)")
+            if delta.gated:
+                raise MergeError(f"{name!r} on {path} is gated: its gate depends on the input, "
+                                 "so it cannot be folded into the weights; keep it unmerged")
             if not delta.mergeable:
                 raise MergeError(f"{delta.method!r} deltas cannot be merged into the weights "
                                  f"({name!r} on {path}); keep them unmerged or deactivate them")

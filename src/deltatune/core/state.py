@@ -89,7 +89,7 @@ def adapter_tensors(model: nn.Module, name: str) -> dict[str, Tensor]:
     alive: list[Tensor] = []
     for path, layer in delta_layers(model).items():
         if name in layer.deltas:
-            for key, value in layer.deltas[name].state_tensors().items():
+            for key, value in layer.deltas[name].saved_tensors().items():
                 if id(value) in seen:
                     continue
                 seen.add(id(value))
@@ -388,7 +388,7 @@ def _copy_in(model: nn.Module, name: str, tensors: dict[str, Tensor], directory:
     for path, layer in delta_layers(model).items():
         if name in layer.deltas:
             delta = layer.deltas[name]
-            own = delta.state_tensors()
+            own = delta.saved_tensors()
             part = {}
             for key, value in own.items():
                 if id(value) in seen:  # shared with an earlier delta: loaded already
@@ -404,7 +404,7 @@ def _copy_in(model: nn.Module, name: str, tensors: dict[str, Tensor], directory:
                         f"{directory} but the delta expects {tuple(value.shape)}")
                 part[key] = tensors[full]
                 wanted[full] = True
-            delta.load_state_tensors(part)
+            delta.load_saved(part)
     extra = sorted(set(tensors) - set(wanted))
     if extra:
         raise AdapterFileError(f"{directory / WEIGHTS_FILE} holds tensors the config does not "

@@ -11,6 +11,8 @@ from .adapter import AdapterConfig, houlsby, parallel_adapter, pfeiffer
 from .compacter import CompacterConfig
 from .ia3 import IA3Config
 from .lora import LoraConfig, LoraDelta
+from .prefix import PrefixConfig
+from .prompt import PromptConfig
 from .selective import BitFitConfig, LNTuningConfig
 from .ssf import SSFConfig
 
@@ -18,4 +20,5 @@ for _info in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_info.name}")
 
 __all__ = ["AdapterConfig", "BitFitConfig", "CompacterConfig", "IA3Config", "LNTuningConfig",
-           "LoraConfig", "LoraDelta", "SSFConfig", "houlsby", "parallel_adapter", "pfeiffer"]
+           "LoraConfig", "LoraDelta", "PrefixConfig", "PromptConfig", "SSFConfig", "houlsby",
+           "parallel_adapter", "pfeiffer"]

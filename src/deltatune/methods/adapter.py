@@ -14,7 +14,7 @@ canonical name such as ``"ffn.up"``) puts a parallel adapter beside that one lay
 input (``f``: in_dim → out_dim).
 
 ``s`` is a fixed float or, with ``learned_scale``, a trained scalar initialised to ``scale``.
-The gate is one scalar per token, computed from the adapter's input ``z`` (``h`` or ``x``).
+With ``gate=True`` the core's gate multiplies ``s·f``: one scalar per token of ``z``.
 Dropout acts on the bottleneck activation, in training only. ``W_up = 0`` at init (the adapter
 starts as the identity); ``W_down`` is Kaiming-uniform (``"kaiming"``, He et al.'s code) or
 ``N(0, 0.02²)`` (``"bert"``, AdapterHub's), biases start at zero.
@@ -70,7 +70,6 @@ class AdapterConfig(DeltaConfig):
         activation: ``σ``: ``"relu"``, ``"gelu"``, ``"silu"``, ``"tanh"`` or ``"identity"``.
         scale: ``s`` (He et al. use 4 for a parallel FFN adapter).
         learned_scale: train ``s`` as a scalar parameter initialised to ``scale``.
-        gate: multiply ``f`` by a learned per-token gate ``sigmoid(w_g·z + b_g)`` (UniPELT).
         dropout: dropout probability on the bottleneck activation (training only).
         bias: biases ``b_down``, ``b_up`` in the two projections.
         init: ``W_down`` init, ``"bert"`` (``N(0, 0.02²)``) or ``"kaiming"`` (uniform);
@@ -83,7 +82,6 @@ class AdapterConfig(DeltaConfig):
     activation: str = "gelu"
     scale: float = 1.0
     learned_scale: bool = False
-    gate: bool = False
     dropout: float = 0.0
     bias: bool = True
     init: str = "bert"
@@ -107,7 +105,7 @@ class AdapterConfig(DeltaConfig):
                               f"{self.activation!r}")
         if not _number(self.scale):
             raise ConfigError(f"scale must be a finite number, got {self.scale!r}")
-        for name in ("learned_scale", "gate", "bias"):
+        for name in ("learned_scale", "bias"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if not (_number(self.dropout) and 0.0 <= self.dropout < 1.0):
@@ -156,6 +154,7 @@ class AdapterDelta(Delta):
     """``y + s · W_up σ(W_down z + b_down) + b_up`` with ``z = y`` (sequential) or ``x``."""
 
     default_targets = ("ffn",)
+    gating = "output"
     examples = (
         {},
         {"position": "parallel", "bottleneck": 3, "init": "kaiming"},
@@ -176,8 +175,6 @@ class AdapterDelta(Delta):
         self.make_projections(self.in_dim, info.out_dim, r)
         self.down_bias = nn.Parameter(torch.zeros(r)) if config.bias else None
         self.up_bias = nn.Parameter(torch.zeros(info.out_dim)) if config.bias else None
-        self.gate = nn.Parameter(torch.empty(1, self.in_dim)) if config.gate else None
-        self.gate_bias = nn.Parameter(torch.zeros(1)) if config.gate else None
         self.learned_scale = (nn.Parameter(torch.full((), float(config.scale)))
                               if config.learned_scale else None)
         self.scale = float(config.scale)
@@ -216,22 +213,20 @@ class AdapterDelta(Delta):
     def num_trainable(cls, info: LayerInfo, config: AdapterConfig) -> int:
         d_in, d_out, r = _input_dim(info, config), info.out_dim, config.bottleneck_for(info.out_dim)
         return cls.projection_params(d_in, d_out, r, config) + (r + d_out if config.bias else 0) \
-            + (d_in + 1 if config.gate else 0) + (1 if config.learned_scale else 0)
+            + (1 if config.learned_scale else 0)
 
     @torch.no_grad()
     def reset_parameters(self, base: nn.Module) -> None:
         self.reset_projections()
-        for bias in (self.down_bias, self.up_bias, self.gate_bias):
+        for bias in (self.down_bias, self.up_bias):
             if bias is not None:
                 nn.init.zeros_(bias)
-        if self.gate is not None:
-            nn.init.kaiming_uniform_(self.gate, a=math.sqrt(5))
         if self.learned_scale is not None:
             self.learned_scale.fill_(self.scale)
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
         z, a = self._bottleneck(x, y)
-        if self.gate is None and self.learned_scale is None:  # y + s·W_up a, one fused GEMM
+        if self.learned_scale is None:  # y + s·W_up a, one fused GEMM
             out = self.info.add_out(y, a, self.cast(self.up_weight(), y), self.scale)
             return out if self.up_bias is None else out.add_(self.cast(self.up_bias, y),
                                                              alpha=self.scale)
@@ -257,13 +252,17 @@ class AdapterDelta(Delta):
             a = F.dropout(a, self.dropout, training=True)
         return z, a
 
+    def gate_input(self, x: Tensor, y: Tensor) -> Tensor:
+        return y if self.sequential else x  # the adapter's own input z
+
+    @classmethod
+    def gate_dim(cls, info: LayerInfo, config: AdapterConfig) -> int:
+        return _input_dim(info, config)
+
     def _up(self, z: Tensor, a: Tensor, y: Tensor) -> Tensor:
-        """``s · g(z) · (W_up a + b_up)``: what the adapter adds to ``y``."""
+        """``s · (W_up a + b_up)``: what the adapter adds to ``y`` (the core applies a gate)."""
         b = None if self.up_bias is None else self.cast(self.up_bias, y)
         u = F.linear(a, self.cast(self.up_weight(), y), b)  # (..., out)
-        if self.gate is not None:
-            u = u * torch.sigmoid(F.linear(z, self.cast(self.gate, z),
-                                           self.cast(self.gate_bias, z)))  # (..., 1)
         if self.learned_scale is not None:
             return u * self.cast(self.learned_scale, y)
         return u * self.scale if self.scale != 1.0 else u

@@ -119,9 +119,10 @@ class LoraDelta(Delta):
 
     layer_kinds = frozenset({"linear", "conv", "embedding"})
     mergeable = True
+    gating = "output"
     examples = ({}, {"rank": 3, "alpha": 5, "rslora": True, "bias": True},
                 {"init": "pissa", "rank": 2}, {"init": "gaussian", "freeze_a": True, "seed": 3},
-                {"dropout": 0.1})
+                {"dropout": 0.1}, {"rank": 2, "gate": True})
 
     def __init__(self, info: LayerInfo, config: LoraConfig, path: str) -> None:
         super().__init__(info, config, path)

@@ -12,6 +12,10 @@ peft (and the original implementation), the real tokens' positions then start at
 decoder-only and encoder models whose forward takes ``past_key_values`` (Llama family, GPT-2,
 GPT-NeoX, BERT, RoBERTa …); every attention layer must carry a prefix.
 
+``gate=True`` (UniPELT-style) scales each layer's prefix values by a learned ``sigmoid(g_l)``
+(one scalar per layer, starting at 1/2): the prefixes enter the cache before the layer's input
+exists, so the gate cannot read that input as UniPELT's BERT code does.
+
 ``projection=h`` trains the paper's re-parameterisation instead: ``P_l = W_l tanh(W E + b) +
 b_l``, with the embedding ``E ∈ ℝ^{n×d_kv}`` and ``W`` shared by all layers; ``save`` writes the
 folded plain prefixes (and a config without the projection), so a loaded prefix costs nothing
@@ -110,9 +114,10 @@ class PrefixDelta(Delta):
     tokens_at = "keys"
     layer_kinds = frozenset({"linear"})
     default_targets = ("attn",)
+    gating = "own"
     identity_at_init = False
     composition = "concat"
-    examples = ({}, {"num_tokens": 3, "projection": 8})
+    examples = ({}, {"num_tokens": 3, "projection": 8, "gate": True})
 
     def __init__(self, info: LayerInfo, config: PrefixConfig, path: str) -> None:
         super().__init__(info, config, path)
@@ -122,6 +127,7 @@ class PrefixDelta(Delta):
             self.prefix = nn.Parameter(torch.empty(2, n, kv))  # (keys | values, n, kv)
         else:
             self.up = nn.Linear(config.projection, 2 * kv)
+        self.gate_logit = nn.Parameter(torch.zeros(())) if config.gate else None
 
     @classmethod
     def complete(cls, model: nn.Module, config: PrefixConfig) -> PrefixConfig:
@@ -166,9 +172,10 @@ class PrefixDelta(Delta):
 
     @classmethod
     def num_trainable(cls, info: LayerInfo, config: PrefixConfig) -> int:
+        gate = 1 if config.gate else 0
         if config.projection is None:
-            return 2 * config.num_tokens * config.kv_dim
-        return (config.projection + 1) * 2 * config.kv_dim
+            return 2 * config.num_tokens * config.kv_dim + gate
+        return (config.projection + 1) * 2 * config.kv_dim + gate
 
     @torch.no_grad()
     def reset_parameters(self, base: nn.Module) -> None:
@@ -176,6 +183,8 @@ class PrefixDelta(Delta):
             self.prefix.normal_(0.0, self.config.init_std)
         else:
             self.up.reset_parameters()
+        if self.gate_logit is not None:
+            self.gate_logit.zero_()
 
     # --------------------------------------------------------------------------- compute
     def prefixes(self) -> Tensor:
@@ -189,7 +198,9 @@ class PrefixDelta(Delta):
         c = self.config
         kv = self.prefixes().view(2, self.num_tokens, c.kv_heads, c.head_dim).transpose(1, 2)
         kv = kv.unsqueeze(1).expand(2, batch, *kv.shape[1:])  # (2, B, heads, n, hd)
-        return kv[0], kv[1]
+        if self.gate_logit is None:
+            return kv[0], kv[1]
+        return kv[0], kv[1] * torch.sigmoid(self.gate_logit)
 
     @classmethod
     def prepare_call(cls, call: TokenCall, deltas: Sequence[PrefixDelta]) -> None:
@@ -224,7 +235,10 @@ class PrefixDelta(Delta):
 
     # --------------------------------------------------------------------------- state
     def state_tensors(self) -> dict[str, Tensor]:
-        return {"prefix": self.prefixes()}  # the projection is saved folded
+        out = {"prefix": self.prefixes()}  # the projection is saved folded
+        if self.gate_logit is not None:
+            out["gate_logit"] = self.gate_logit
+        return out
 
     def load_state_tensors(self, tensors: Mapping[str, Tensor]) -> None:
         if self.config.projection is not None:
