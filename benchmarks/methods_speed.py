@@ -26,10 +26,13 @@ training (forward + backward + AdamW step on the trainable parameters)
                    s = 4, r = d/2);
   - ``compacter``  Compacter with its defaults (Compacter++: one sequential adapter after the
                    FFN, r = d/16, PHM n=4, rank 1, shared rules), when the method is registered;
+  - ``prompt``     prompt tuning, 20 soft tokens (the sequence grows by 20);
+  - ``prefix``     prefix tuning, 20 key/value tokens at every attention layer;
 
 * ``peft_<method>``, HF peft's implementation where it has one: LoRA (same settings), IA3
   (``k_proj``, ``v_proj``, ``down_proj``; feedforward ``down_proj``), LN tuning (its default
-  targets for Llama: both RMSNorms of every layer and the final one).
+  targets for Llama: both RMSNorms of every layer and the final one), prompt tuning and prefix
+  tuning (20 virtual tokens).
 
 inference (``torch.no_grad()`` forward; every adapter given the same non-zero weights in both
 libraries)
@@ -38,9 +41,10 @@ libraries)
   ``infer_dt_<method>_merged`` (``dt.merge``) for the mergeable methods.
 
 A method that is not registered (or whose config cannot be built) is skipped, with a note in the
-report. Before timing, the cases are checked to compute the same thing: every training case
-starts from the same loss (every method is the identity at initialisation), ours and peft's
-outputs agree for the same weights (copied across), merged and unmerged outputs agree.
+report. Before timing, the cases are checked to compute the same thing: every training case of
+a method that is the identity at initialisation starts from the same loss (prompt and prefix
+tuning are not), ours and peft's outputs agree for the same weights (copied across), merged and
+unmerged outputs agree.
 
 Timing and memory as in ``lora_speed.py`` (the shared ``_harness.py``): interleaved rounds in a
 shuffled order, every case in a fresh child process for its peak memory. Every figure is also
@@ -149,6 +153,23 @@ def copy_ln_tuning(dt_model: nn.Module, peft_model: nn.Module) -> int:
     return _check_count("LN tuning", copied, ours, f".deltas.{ADAPTER}.delta.weight")
 
 
+@torch.no_grad()
+def copy_prompt(dt_model: nn.Module, peft_model: nn.Module) -> int:
+    """deltatune's soft tokens (n, d) into peft's prompt encoder embedding (n, d)."""
+    ours = [p for n, p in dt_model.named_parameters() if n.endswith(f".deltas.{ADAPTER}.prompt")]
+    peft_model.prompt_encoder["default"].embedding.weight.copy_(ours[0])
+    return len(ours)
+
+
+@torch.no_grad()
+def copy_prefix(dt_model: nn.Module, peft_model: nn.Module) -> int:
+    """Our per-layer (2, n, kv) prefixes into peft's (n, L · 2 · kv) table."""
+    ours = [p for n, p in dt_model.named_parameters() if n.endswith(f".deltas.{ADAPTER}.prefix")]
+    table = torch.stack([p.transpose(0, 1) for p in ours], 1)  # (n, L, 2, kv)
+    peft_model.prompt_encoder["default"].embedding.weight.copy_(table.flatten(1))
+    return len(ours)
+
+
 # ------------------------------------------------------------------------------- methods
 @dataclass(frozen=True)
 class Method:
@@ -199,6 +220,9 @@ def _compacter() -> dt.DeltaConfig:
     return dt.get_method("compacter").config_class()
 
 
+VIRTUAL_TOKENS = 20
+
+
 IA3_TARGETS = ["k_proj", "v_proj", "down_proj"]
 METHODS: tuple[Method, ...] = (
     Method("lora", "lora", "LoRA all-linear",
@@ -218,6 +242,16 @@ METHODS: tuple[Method, ...] = (
     Method("parallel", "adapter", "scaled parallel adapter FFN s=4",
            _adapter("parallel_adapter", scale=4.0)),
     Method("compacter", "compacter", "Compacter++ (FFN, n=4)", _compacter),
+    Method("prompt", "prompt", f"prompt tuning n={VIRTUAL_TOKENS}",
+           lambda: dt.PromptConfig(num_tokens=VIRTUAL_TOKENS),
+           lambda: peft.PromptTuningConfig(task_type="CAUSAL_LM",
+                                           num_virtual_tokens=VIRTUAL_TOKENS),
+           f"peft prompt tuning n={VIRTUAL_TOKENS}", copy_prompt),
+    Method("prefix", "prefix", f"prefix tuning n={VIRTUAL_TOKENS}",
+           lambda: dt.PrefixConfig(num_tokens=VIRTUAL_TOKENS),
+           lambda: peft.PrefixTuningConfig(task_type="CAUSAL_LM",
+                                           num_virtual_tokens=VIRTUAL_TOKENS),
+           f"peft prefix tuning n={VIRTUAL_TOKENS}", copy_prefix),
 )
 
 
@@ -318,6 +352,11 @@ def check_outputs(runners: dict[str, Runner]) -> dict[str, Any]:
     same loss; the inference adapters are non-zero, and identical in both libraries.
     """
     out = h.first_losses(runners)
+    losses = out.get("first_loss", {})
+    same = [v for n, v in losses.items() if _identity_at_init(n)]
+    if same:  # prompt / prefix tuning change the output from the start: left out
+        out["first_loss_max_abs_diff"] = max(abs(v - same[0]) for v in same)
+        out["first_loss_not_identity"] = sorted(n for n in losses if not _identity_at_init(n))
     reference = runners.get("floor") or runners.get("infer_base")
     out["base_params"] = sum(p.numel() for p in reference.model.parameters())
     logits = {n: r.step() for n, r in runners.items() if r.kind == "infer"}
@@ -327,14 +366,25 @@ def check_outputs(runners: dict[str, Runner]) -> dict[str, Any]:
         pairs = {"dt_unmerged_vs_base": (ours, "infer_base"),
                  "dt_unmerged_vs_peft_unmerged": (ours, f"infer_peft_{m.key}"),
                  "dt_merged_vs_dt_unmerged": (f"{ours}_merged", ours)}
-        found = {key: h.rel(logits[a], logits[b]) for key, (a, b) in pairs.items()
-                 if a in logits and b in logits}
+        found = {key: h.rel(_same_positions(logits[a], logits[b]), logits[b])
+                 for key, (a, b) in pairs.items() if a in logits and b in logits}
         if found:
             diffs[m.key] = found
     out["logits_rel_diff"] = diffs
     out["peft_copied_modules"] = {k: v for k, v in COPIED.items()
                                   if f"infer_peft_{k}" in runners}
     return out
+
+
+def _identity_at_init(case: str) -> bool:
+    key = case.removeprefix("dt_").removeprefix("peft_")
+    method = next((m for m in METHODS if m.key == key), None)
+    return method is None or dt.get_method(method.method).delta_class.identity_at_init
+
+
+def _same_positions(a: Tensor, b: Tensor) -> Tensor:
+    """``a``'s last positions when soft tokens made it longer than ``b`` (prompt tuning)."""
+    return a[:, a.shape[1] - b.shape[1]:] if a.dim() == 3 and a.shape[1] > b.shape[1] else a
 
 
 # --------------------------------------------------------------------------------- report
@@ -358,7 +408,8 @@ DEFINITIONS = {
 _NOTE = ("Methods: deltatune's defaults unless stated; LoRA r=16, alpha=32; IA3 on k, v, down "
          "(input scaling on down); BitFit add_missing=True (every linear layer, head "
          "included); adapters: Houlsby (attn + FFN) and Pfeiffer (FFN) r = d/16, parallel "
-         "(FFN, s=4) r = d/2, Compacter++ (FFN, r = d/16, n=4); peft peers: LoRA, IA3, LN tuning.")
+         "(FFN, s=4) r = d/2, Compacter++ (FFN, r = d/16, n=4); prompt and prefix tuning 20 "
+         "virtual tokens; peft peers: LoRA, IA3, LN tuning, prompt, prefix.")
 
 
 def _pct(value: float) -> str:
@@ -385,8 +436,8 @@ def markdown(report: dict[str, Any]) -> str:
     sanity = report["sanity"]
     diffs = sanity.get("logits_rel_diff", {})
     lines += ["", "## Sanity", "",
-              f"First-loss spread across the training cases: "
-              f"{sanity.get('first_loss_max_abs_diff', float('nan')):.2e}."]
+              f"First-loss spread across the training cases of methods that are the identity "
+              f"at initialisation: {sanity.get('first_loss_max_abs_diff', float('nan')):.2e}."]
     if diffs:
         lines[-1] += (" Relative differences of the inference logits (non-zero adapters, the "
                       "same weights in both libraries):")

@@ -25,8 +25,8 @@ SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "methods_speed.py"
 #: Case-name stem -> registered method; every one must run (compacter only once registered).
 METHODS = {"lora": "lora", "ia3": "ia3", "bitfit": "bitfit", "ln_tuning": "ln_tuning",
            "ssf": "ssf", "houlsby": "adapter", "pfeiffer": "adapter", "parallel": "adapter",
-           "compacter": "compacter"}
-PEERS = ("lora", "ia3", "ln_tuning")
+           "compacter": "compacter", "prompt": "prompt", "prefix": "prefix"}
+PEERS = ("lora", "ia3", "ln_tuning", "prompt", "prefix")
 MERGEABLE = ("lora", "ia3", "bitfit", "ln_tuning", "ssf")
 
 
@@ -108,7 +108,9 @@ def test_ratios_match_the_times(report: tuple[dict, Path]) -> None:
 def test_cases_compute_the_same_thing(report: tuple[dict, Path]) -> None:
     data, _ = report
     sanity, cases = data["sanity"], data["cases"]
-    assert sanity["first_loss_max_abs_diff"] < 1e-4
+    assert sanity["first_loss_max_abs_diff"] < 1e-4  # over the identity-at-init methods
+    assert sanity["first_loss_not_identity"] == ["dt_prefix", "dt_prompt", "peft_prefix",
+                                                 "peft_prompt"]
     diffs = sanity["logits_rel_diff"]
     present = [k for k, m in METHODS.items() if m in dt.methods()]
     assert sorted(diffs) == sorted(present)
