@@ -89,3 +89,15 @@ def base_tensors(model: nn.Module) -> dict[str, Tensor]:
 
 
 __all__ = ["dt"]
+
+
+def greedy_by_hand(model, ids, mask, steps):
+    """Full forward passes without a cache, positions from the padding mask as generate's."""
+    for _ in range(steps):
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                           use_cache=False).logits[:, -1]
+        nxt = logits.argmax(-1, keepdim=True)
+        ids, mask = torch.cat([ids, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
+    return ids

@@ -12,7 +12,7 @@ import deltatune as dt
 import zoo
 from deltatune.core.lifecycle import delta_layers
 from deltatune.methods.prompt import PromptConfig
-from helpers import assert_differs, assert_rel_close
+from helpers import assert_differs, assert_rel_close, greedy_by_hand
 
 TOL = 1e-5
 
@@ -102,18 +102,6 @@ def test_inputs_embeds_from_the_caller_get_the_prompt_too():
         a = model(input_ids=ids, attention_mask=mask).logits
         b = model(inputs_embeds=model.get_input_embeddings()(ids), attention_mask=mask).logits
     assert torch.allclose(a, b, atol=1e-6)
-
-
-def greedy_by_hand(model, ids, mask, steps):
-    """Full forward passes without a cache, positions from the padding mask as generate's."""
-    for _ in range(steps):
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos,
-                           use_cache=False).logits[:, -1]
-        nxt = logits.argmax(-1, keepdim=True)
-        ids, mask = torch.cat([ids, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
-    return ids
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
