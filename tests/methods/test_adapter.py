@@ -535,3 +535,30 @@ def test_trainable_count_of_tapped_adapters():
     assert dt.cost(model, config).params == 2 * per_layer
     dt.inject(model, config, name="a")
     assert dt.summary(model).trainable_params == 2 * per_layer
+
+
+def test_after_the_add_and_norm_on_post_ln_bert():
+    """Residual placement: on BERT's output.LayerNorm the adapter reads u = LN(x + h) and
+    returns u + f(u), after the block's residual add (AdapterHub's Pfeiffer placement)."""
+    torch.manual_seed(0)
+    model = bert().eval()
+    ids = torch.randint(0, 96, (2, 5))
+    dt.inject(model, AdapterConfig(targets=r"bert\.encoder\.layer\.\d+\.output\.LayerNorm",
+                                   bottleneck=4), name="a")
+    paths = list(delta_layers(model))
+    assert paths == [f"bert.encoder.layer.{i}.output.LayerNorm" for i in range(2)]
+    perturb(model)
+    layer = model.bert.encoder.layer[0].output
+    delta = layer.LayerNorm.deltas["a"]
+    seen = {}
+    hook = layer.LayerNorm.register_forward_hook(lambda m, args, out: seen.update(x=args[0],
+                                                                                 y=out))
+    with torch.no_grad():
+        model(input_ids=ids)
+    hook.remove()
+    u = layer.LayerNorm.base_layer(seen["x"])  # LN(x + h)
+    a = F.gelu(u @ delta.down.T + delta.down_bias)
+    assert_rel_close(seen["y"], u + a @ delta.up.T + delta.up_bias, 1e-5, "u + f(u)")
+    assert_differs(seen["y"], u, "the adapter acts")
+    with pytest.raises(dt.TargetError, match="normalises channels on axis 1"):
+        dt.inject(nn.Sequential(nn.BatchNorm1d(4)), AdapterConfig(targets=["0"]))

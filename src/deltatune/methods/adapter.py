@@ -13,6 +13,13 @@ sub-layer's *input* ``x`` (the tap, e.g. the input of Llama's ``mlp`` or BERT's
 canonical name such as ``"ffn.up"``) puts a parallel adapter beside that one layer, reading its
 input (``f``: in_dim → out_dim).
 
+Residual placement. On a sub-layer target the adapter acts *before* the block's residual add
+(``h ← h + s·f(h)``, then ``x + h``). Targeting the norm that follows the add in post-LN models
+(BERT / RoBERTa: ``attention.output.LayerNorm``, ``output.LayerNorm``) puts it *after* the Add &
+Norm instead (``u ← u + s·f(u)``, ``u = LN(x + h)``), where AdapterHub's Pfeiffer configuration
+sits on BERT (the suffix ``"output.LayerNorm"`` matches both norms of a layer, after attention
+and after the FFN; a regex picks one); every norm over the last axis can carry an adapter.
+
 ``s`` is a fixed float or, with ``learned_scale``, a trained scalar initialised to ``scale``.
 With ``gate=True`` the core's gate multiplies ``s·f``: one scalar per token of ``z``.
 Dropout acts on the bottleneck activation, in training only. ``W_up = 0`` at init (the adapter
@@ -154,6 +161,7 @@ class AdapterDelta(Delta):
     """``y + s · W_up σ(W_down z + b_down) + b_up`` with ``z = y`` (sequential) or ``x``."""
 
     default_targets = ("ffn",)
+    layer_kinds = frozenset({"linear", "norm"})
     gating = "output"
     examples = (
         {},
@@ -163,6 +171,13 @@ class AdapterDelta(Delta):
         {"gate": True, "bias": False, "activation": "silu", "bottleneck": 2},
         {"position": "parallel", "gate": True, "learned_scale": True, "activation": "tanh"},
     )
+
+    @classmethod
+    def supports(cls, module: nn.Module, info: LayerInfo, config: AdapterConfig) -> str | None:
+        if info.channels_first:
+            return (f"{type(module).__name__} normalises channels on axis 1; an adapter reads "
+                    "features on the last axis (target LayerNorm / RMSNorm or Linear layers)")
+        return None
 
     def __init__(self, info: LayerInfo, config: AdapterConfig, path: str) -> None:
         super().__init__(info, config, path)

@@ -99,7 +99,7 @@ class CompacterDelta(AdapterDelta):
         {"phm_dim": 2, "phm_rank": 2, "shared_rules": False, "position": "parallel",
          "bottleneck": 4, "init": "kaiming"},
         {"phm_dim": 2, "reduction_factor": 2, "gate": True, "learned_scale": True,
-         "activation": "relu"},
+         "activation": "silu"},  # no dead units on 2-wide bottlenecks
     )
 
     def make_projections(self, d_in: int, d_out: int, r: int) -> None:
@@ -154,4 +154,4 @@ class CompacterDelta(AdapterDelta):
         if bad:
             return (f"its width {bad[0]} is not a multiple of phm_dim={n}; pick a phm_dim that "
                     "divides the hidden size, or exclude this layer")
-        return None
+        return super().supports(module, info, config)
