@@ -47,14 +47,17 @@ def delta_params(model: nn.Module) -> dict[int, Tensor]:
 @torch.no_grad()
 def perturb(model: nn.Module, name: str | None = None, scale: float = 0.2,
             seed: int = 7) -> None:
-    """Move every parameter of delta ``name`` (all deltas if None) away from its init."""
+    """Move every parameter of delta ``name`` (all deltas if None) away from its init: noise
+    of ``scale`` times the parameter's own RMS (``scale`` itself for a zero-initialised one),
+    so that scale-like parameters (SSF's γ, DoRA's magnitude ‖W‖) keep their sign and size."""
     gen = torch.Generator().manual_seed(seed)
     for layer in delta_layers(model).values():
         for key, delta in layer.deltas.items():
             if name is None or key == name:
                 for p in delta.parameters():
                     noise = torch.randn(p.shape, generator=gen).to(p.dtype)
-                    p.add_(noise * scale)
+                    rms = p.detach().float().pow(2).mean().sqrt().item()
+                    p.add_(noise * scale * (rms if rms > 0 else 1.0))
 
 
 def rel_err(a: Tensor, b: Tensor) -> float:

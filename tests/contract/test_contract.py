@@ -321,7 +321,10 @@ def test_two_deltas_compose_as_declared(pair):
                          f"affine composition ({path})")
     else:
         pytest.fail(f"unknown composition {cls.composition!r}")
-    if mergeable(method):
+    if mergeable(method) and cls.merges_first:  # each folds the whole weight: not both
+        with pytest.raises(dt.MergeError, match="must merge first"):
+            dt.merge(model)
+    elif mergeable(method):
         dt.merge(model)
         with torch.no_grad():
             assert_rel_close(layer(x), yab, tol, "both deltas merged")

@@ -77,6 +77,9 @@ class Delta(nn.Module):
     #: ``Gate`` of ``gate_input``), "own" (the method gates itself, e.g. prefix tuning) or ""
     #: (not gateable: weight-form and scaling methods, whose effect is not one added term).
     gating: ClassVar[str] = ""
+    #: Whether merging must start from the layer's own weights (nothing merged before it on
+    #: the layer): methods whose fold reads the whole weight, such as DoRA's row norm.
+    merges_first: ClassVar[bool] = False
     #: Tokens form: "inputs" (prepended to the input embeddings) or "keys" (to attention keys).
     tokens_at: ClassVar[str] = ""
     #: Whether ``forward`` reads the base output ``y`` beyond adding to it (sequential forms:
@@ -107,6 +110,10 @@ class Delta(nn.Module):
         self.gate: Gate | None = None
 
     # ------------------------------------------------------------------------- to implement
+    def bind(self, base: nn.Module) -> None:
+        """Called with the base layer whenever the delta is attached (inject and load); a
+        method whose forward reads the base weights keeps a reference here (default: none)."""
+
     def reset_parameters(self, base: nn.Module) -> None:
         """Initialise parameters (may read the base layer's weights). Skipped on ``meta``."""
 

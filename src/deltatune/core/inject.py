@@ -108,6 +108,7 @@ def attach(
                 set_module(model, alias, layer)
         layer.train(layer.base_layer.training)  # new modules follow the model's mode
         delta.train(layer.base_layer.training)
+        delta.bind(layer.base_layer)
         layer.add(name, delta, matcher.modules[info.tap] if delta.reads_tap else None)
         delta.requires_grad_(trainable)
     _freeze_base(model)

@@ -305,6 +305,10 @@ def _merge_plan(model: nn.Module, names: list[str]) -> list[tuple[str, DeltaLaye
             if not delta.mergeable:
                 raise MergeError(f"{delta.method!r} deltas cannot be merged into the weights "
                                  f"({name!r} on {path}); keep them unmerged or deactivate them")
+            if delta.merges_first and (layer.merged or name != pending[0]):
+                raise MergeError(f"{name!r} ({delta.method}) folds the whole weight of {path} "
+                                 f"and must merge first there, but {layer.merged or pending[0]} "
+                                 "would come before it; unmerge those (or merge it alone first)")
         # Merged deltas act first; merging one after an unmerged delta that does not commute
         # with it would change the output.
         last = layer.active.index(pending[-1])

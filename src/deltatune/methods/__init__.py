@@ -9,6 +9,7 @@ import pkgutil
 
 from .adapter import AdapterConfig, houlsby, parallel_adapter, pfeiffer
 from .compacter import CompacterConfig
+from .dora import DoraConfig
 from .ia3 import IA3Config
 from .lora import LoraConfig, LoraDelta
 from .prefix import PrefixConfig
@@ -19,6 +20,6 @@ from .ssf import SSFConfig
 for _info in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_info.name}")
 
-__all__ = ["AdapterConfig", "BitFitConfig", "CompacterConfig", "IA3Config", "LNTuningConfig",
-           "LoraConfig", "LoraDelta", "PrefixConfig", "PromptConfig", "SSFConfig", "houlsby",
-           "parallel_adapter", "pfeiffer"]
+__all__ = ["AdapterConfig", "BitFitConfig", "CompacterConfig", "DoraConfig", "IA3Config",
+           "LNTuningConfig", "LoraConfig", "LoraDelta", "PrefixConfig", "PromptConfig",
+           "SSFConfig", "houlsby", "parallel_adapter", "pfeiffer"]
