@@ -15,6 +15,7 @@ training (forward + backward + AdamW step on the trainable parameters)
 * ``dt_<method>``, one per method family (deltatune's defaults unless stated):
 
   - ``lora``       LoRA r=16, alpha=32 on every linear layer but the head;
+  - ``dora``       DoRA, the same placement and rank;
   - ``ia3``        (IA)³ on ``attn.k``, ``attn.v``, ``ffn.down`` (input scaling on ``ffn.down``);
   - ``bitfit``     BitFit with ``add_missing=True`` (Llama has no biases: a bias is learned on
                    every linear layer, the head included);
@@ -29,7 +30,8 @@ training (forward + backward + AdamW step on the trainable parameters)
   - ``prompt``     prompt tuning, 20 soft tokens (the sequence grows by 20);
   - ``prefix``     prefix tuning, 20 key/value tokens at every attention layer;
 
-* ``peft_<method>``, HF peft's implementation where it has one: LoRA (same settings), IA3
+* ``peft_<method>``, HF peft's implementation where it has one: LoRA and DoRA (``use_dora``,
+  same settings), IA3
   (``k_proj``, ``v_proj``, ``down_proj``; feedforward ``down_proj``), LN tuning (its default
   targets for Llama: both RMSNorms of every layer and the final one), prompt tuning and prefix
   tuning (20 virtual tokens).
@@ -119,6 +121,18 @@ def copy_lora(dt_model: nn.Module, peft_model: nn.Module) -> int:
         module.lora_B["default"].weight.copy_(ours[f"{path}.deltas.{ADAPTER}.B"])
         copied += 1
     return _check_count("LoRA", copied, ours, f".deltas.{ADAPTER}.A")
+
+
+@torch.no_grad()
+def copy_dora(dt_model: nn.Module, peft_model: nn.Module) -> int:
+    """LoRA's factors plus the magnitude vector into peft's ``lora_magnitude_vector``."""
+    copied = copy_lora(dt_model, peft_model)
+    ours = dict(dt_model.named_parameters())
+    for name, module in peft_model.named_modules():
+        vector = getattr(module, "lora_magnitude_vector", None)
+        if isinstance(vector, nn.ModuleDict) and "default" in vector:
+            vector["default"].weight.copy_(ours[f"{_peft_path(name)}.deltas.{ADAPTER}.magnitude"])
+    return copied
 
 
 @torch.no_grad()
@@ -230,6 +244,11 @@ METHODS: tuple[Method, ...] = (
            lambda: peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0,
                                    target_modules="all-linear"),
            "peft LoRA all-linear", copy_lora),
+    Method("dora", "dora", "DoRA all-linear",
+           lambda: dt.DoraConfig(rank=RANK, alpha=ALPHA, targets="all-linear"),
+           lambda: peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0,
+                                   target_modules="all-linear", use_dora=True),
+           "peft DoRA all-linear", copy_dora),
     Method("ia3", "ia3", "IA3 k,v,down", _ia3,
            lambda: peft.IA3Config(target_modules=IA3_TARGETS, feedforward_modules=["down_proj"]),
            "peft IA3 k,v,down", copy_ia3),
@@ -405,11 +424,11 @@ DEFINITIONS = {
     "skipped_methods": "methods not registered (or whose config could not be built) in this run",
 }
 
-_NOTE = ("Methods: deltatune's defaults unless stated; LoRA r=16, alpha=32; IA3 on k, v, down "
-         "(input scaling on down); BitFit add_missing=True (every linear layer, head "
+_NOTE = ("Methods: deltatune's defaults unless stated; LoRA and DoRA r=16, alpha=32; IA3 on "
+         "k, v, down (input scaling on down); BitFit add_missing=True (every linear layer, head "
          "included); adapters: Houlsby (attn + FFN) and Pfeiffer (FFN) r = d/16, parallel "
          "(FFN, s=4) r = d/2, Compacter++ (FFN, r = d/16, n=4); prompt and prefix tuning 20 "
-         "virtual tokens; peft peers: LoRA, IA3, LN tuning, prompt, prefix.")
+         "virtual tokens; peft peers: LoRA, DoRA, IA3, LN tuning, prompt, prefix.")
 
 
 def _pct(value: float) -> str:
