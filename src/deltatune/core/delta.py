@@ -333,10 +333,12 @@ class Delta(nn.Module):
 
     def load_state_tensors(self, tensors: Mapping[str, Tensor]) -> None:
         """Copy saved tensors in (the keys were already checked against ``state_tensors``)."""
+        from .distributed import like
+
         own = self.state_tensors()
         with torch.no_grad():
             for key, value in tensors.items():
-                own[key].copy_(value)
+                own[key].copy_(like(value, own[key]))
 
     # --------------------------------------------------------------------------- helpers
     @staticmethod

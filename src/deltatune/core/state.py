@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import config_from_dict
+from .distributed import architecture, full_tensor, is_main_process
 from .errors import AdapterFileError, AdapterNameError, ConfigError, DeltaError, ShapeMismatchError
 from .inject import attach, check_name
 from .lifecycle import activate, active_adapters, adapters, delete, delta_layers
@@ -55,6 +56,10 @@ def save(model: nn.Module, path: str | os.PathLike, name: str | None = None, *,
         name: the delta to save.
         hash_base: also record a sha256 of the targeted base weights; loading into other
             weights then warns.
+
+    Distributed runs: call it on every rank. FSDP2-sharded deltas are gathered (a collective),
+    and only rank 0 writes; wait for it (e.g. ``torch.distributed.barrier()``) before other
+    ranks read the files. DDP / ``torch.compile`` wrappers are seen through.
 
     Returns:
         The directory written.
@@ -94,7 +99,8 @@ def adapter_tensors(model: nn.Module, name: str) -> dict[str, Tensor]:
                     continue
                 seen.add(id(value))
                 alive.append(value)
-                out[f"{path}.{key}"] = value.detach().to("cpu").contiguous().clone()
+                value = full_tensor(value.detach())  # FSDP2 shards: gathered (collective)
+                out[f"{path}.{key}"] = value.to("cpu").contiguous().clone()
     return out
 
 
@@ -112,7 +118,7 @@ def fingerprint(model: nn.Module, paths: list[str], *, hash_weights: bool = Fals
             modules[p]["tap"] = taps[p]
     config = getattr(model, "config", None)
     out: dict[str, Any] = {
-        "architecture": type(model).__name__,
+        "architecture": architecture(model),
         "model_type": getattr(config, "model_type", None),
         "modules": modules,
     }
@@ -141,9 +147,12 @@ def _save_one(model: nn.Module, directory: Path, name: str, hash_base: bool) -> 
         raise DeltaError("cannot hash the base weights while deltas are merged into them; "
                          "unmerge first or save with hash_base=False")
     config = layers[paths[0]].deltas[name].adapter_config.for_saving()
+    tensors = adapter_tensors(model, name)  # every rank: gathering sharded tensors is collective
+    if not is_main_process():
+        return
     with atomic_directory(directory, own_files=_OWN_FILES) as tmp:
         weights = tmp / WEIGHTS_FILE
-        save_file(adapter_tensors(model, name), str(weights), metadata={"format": "pt"})
+        save_file(tensors, str(weights), metadata={"format": "pt"})
         meta = {
             "format": "deltatune",
             "format_version": FORMAT_VERSION,
@@ -372,9 +381,9 @@ def _check_fingerprint(model: nn.Module, base: dict, directory: Path) -> dict:
     if not targets:
         raise AdapterFileError(f"{directory / CONFIG_FILE} lists no adapted modules")
     arch = base.get("architecture")
-    if arch and arch != type(model).__name__:
+    if arch and arch != architecture(model):
         warnings.warn(f"delta in {directory} was saved from a {arch}, loading into a "
-                      f"{type(model).__name__} (shapes match)", stacklevel=3)
+                      f"{architecture(model)} (shapes match)", stacklevel=3)
     if base.get("sha256") and _hash_weights(matcher, list(targets)) != base["sha256"]:
         warnings.warn(f"delta in {directory} was trained on other base weights (fingerprint "
                       "hash differs; shapes match)", stacklevel=3)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .config import DeltaConfig
+from .distributed import unwrap_model
 from .errors import TargetError
 from .geometry import LayerInfo, layer_info
 from .layers import DeltaLayer
@@ -44,8 +45,11 @@ def walk(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
     """``(logical_name, module)`` for the model's own modules, seeing through delta wrappers.
 
     A ``DeltaLayer`` is reported under the wrapped layer's name (as the wrapper); the deltas it
-    holds are not part of the model's own structure and are skipped.
+    holds are not part of the model's own structure and are skipped. DDP / ``torch.compile``
+    wrappers around the whole model are seen through (``distributed.unwrap_model``).
     """
+    if not prefix:
+        model = unwrap_model(model)
     yield prefix, model
     children = model.named_children()
     if isinstance(model, DeltaLayer):

@@ -1,0 +1,113 @@
+"""Deltas trained by a distributed engine: DDP, FSDP2 and accelerate through ``torchrun``,
+two CPU processes on the gloo backend (``dist_worker.py`` is one rank).
+
+For each engine: gradients reach only the delta parameters; the loss curve and the trained delta
+match a single-process run on the whole batch; the adapter saved by rank 0 (FSDP2: gathered from
+the shards) loads into a fresh base and gives the distributed model's own outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import deltatune as dt
+import zoo
+from deltatune.core.state import adapter_tensors
+from helpers import assert_rel_close
+
+pytest.importorskip("transformers")
+worker = pytest.importorskip("dist_worker")
+
+HERE = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="module")
+def single_process() -> tuple[list[float], dict[str, torch.Tensor]]:
+    """The reference: one process, the whole batch, the same steps."""
+    model = worker.build()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                  lr=worker.LR)
+    ids, losses = worker.batch(), []
+    for _ in range(worker.STEPS):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses, adapter_tensors(model, "task")
+
+
+def torchrun(mode: str, out: Path) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(HERE / "dist_worker.py"), mode, str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        pytest.fail(f"torchrun {mode} failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads((out / "result.json").read_text())
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "accelerate"])
+def test_two_processes_match_one(mode: str, tmp_path: Path, single_process) -> None:
+    ref_losses, ref_tensors = single_process
+    result = torchrun(mode, tmp_path)
+    assert result["world"] == 2
+
+    # gradients reached every delta parameter and no base parameter
+    assert result["num_deltas"] > 0
+    assert result["base_with_grad"] == []
+    assert result["deltas_without_grad"] == []
+
+    # the same optimisation as one process on the whole batch
+    assert ref_losses[-1] < ref_losses[0] - 1e-3  # it trained: the comparison is not vacuous
+    torch.testing.assert_close(torch.tensor(result["losses"]), torch.tensor(ref_losses),
+                               rtol=1e-5, atol=1e-5)
+    saved = load_file(str(tmp_path / "adapter" / "deltatune_model.safetensors"))
+    assert saved.keys() == ref_tensors.keys()
+    for key, value in ref_tensors.items():
+        assert_rel_close(saved[key], value, 1e-4, key)
+
+    # the adapter rank 0 wrote loads into a fresh base and reproduces the trained model
+    fresh = zoo.CASES_BY_NAME["llama"].build(seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # saved as the user's LlamaForCausalLM, not a wrapper
+        dt.load(fresh, tmp_path / "adapter")
+    with torch.no_grad():
+        logits = fresh(input_ids=worker.probe()).logits
+    trained = load_file(str(tmp_path / "logits.safetensors"))["logits"]
+    assert_rel_close(logits, trained, 1e-5, "logits of the reloaded adapter")
+    with torch.no_grad(), dt.disabled(fresh):
+        base = fresh(input_ids=worker.probe()).logits
+    assert (logits - base).abs().max() > 1e-3  # the adapter changes the output
+
+
+@pytest.mark.parametrize("wrap", ["compile", "data_parallel", "both"])
+def test_wrappers_are_transparent(wrap: str, tmp_path: Path) -> None:
+    """``torch.compile`` and (Distributed)DataParallel wrappers change no logical name: the
+    wrapped model saves, merges and unloads like the bare one."""
+    model = worker.build()
+    wrapped = model
+    if wrap in ("data_parallel", "both"):
+        wrapped = torch.nn.DataParallel(wrapped)
+    if wrap in ("compile", "both"):
+        wrapped = torch.compile(wrapped, backend="eager")
+    assert dt.adapters(wrapped) == dt.adapters(model)
+    dt.save(wrapped, tmp_path / "a")
+    assert load_file(str(tmp_path / "a" / "deltatune_model.safetensors")).keys() \
+        == adapter_tensors(model, "task").keys()
+    ids = worker.probe()
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    dt.unload(wrapped, merge=True)
+    assert not any("deltatune" in type(m).__module__ for m in model.modules())
+    with torch.no_grad():
+        assert_rel_close(model(input_ids=ids).logits, before, 1e-5, "merged through wrapper")
