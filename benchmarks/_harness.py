@@ -81,6 +81,9 @@ PRESETS: dict[str, dict[str, int]] = {
                 batch=4, seq=256),
     "gpu": dict(hidden=2048, intermediate=5504, layers=16, heads=16, kv_heads=16, vocab=32000,
                 batch=8, seq=1024),
+    # Llama-3-8B's shapes (random weights): do the ratios hold when the model grows?
+    "8b": dict(hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8, vocab=128256,
+               batch=2, seq=1024),
 }
 _MIB = 2**20
 
@@ -105,6 +108,7 @@ class Settings:
     memory: bool
     malloc: str
     cases: tuple[str, ...]
+    compile: bool = False  # every case's model under torch.compile (the floor's too)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -278,9 +282,12 @@ class Suite:
         return {c.name: c for c in self.cases}
 
 
-def build_runner(case: Case, base: nn.Module, ids: Tensor) -> Runner:
+def build_runner(case: Case, base: nn.Module, ids: Tensor, *, compile: bool = False) -> Runner:
     torch.manual_seed(0)  # adapter initialisation: the same stream for every case
-    return case.build(base, ids)
+    runner = case.build(base, ids)
+    if compile:  # after injection: the compiled graph holds the adapted model
+        runner.model = torch.compile(runner.model)
+    return runner
 
 
 # --------------------------------------------------------------------------------- timing
@@ -307,7 +314,8 @@ def time_cases(s: Settings, suite: Suite, cases: list[Case]
                ) -> tuple[dict[str, list[float]], dict[str, Any]]:
     """Build every case, check that they compute the same thing, then time them interleaved."""
     base, ids = build_base(s), make_ids(s)
-    runners = {c.name: build_runner(c, copy.deepcopy(base), ids) for c in cases}
+    runners = {c.name: build_runner(c, copy.deepcopy(base), ids, compile=s.compile)
+               for c in cases}
     del base
     sanity = suite.check(runners)
     bar = _progress((s.warmup + s.steps) * len(runners), "timing")
@@ -456,7 +464,7 @@ def _prime(s: Settings, case: Case) -> None:
     pool, oneDNN / cuBLAS state); without this, that one-off cost would count as the case's.
     """
     tiny = replace(s, **PRESETS["quick"])
-    runner = build_runner(case, build_base(tiny), make_ids(tiny))
+    runner = build_runner(case, build_base(tiny), make_ids(tiny), compile=s.compile)
     for _ in range(2):
         runner.step()
     del runner
@@ -471,7 +479,7 @@ def measure_memory(s: Settings, case: Case) -> dict[str, Any]:
     pinned = False if cuda else _pin_malloc()
     _prime(s, case)
     baseline = torch.cuda.memory_allocated() if cuda else _rss()
-    runner = build_runner(case, build_base(s), make_ids(s))
+    runner = build_runner(case, build_base(s), make_ids(s), compile=s.compile)
     for _ in range(max(s.warmup, 1)):
         runner.step()
     sync(s.device)
@@ -650,7 +658,8 @@ def header_lines(report: dict[str, Any], title: str, note: str) -> list[str]:
     """
     env, s = report["environment"], report["settings"]
     return [
-        f"# {title} — {env['device']} ({env['device_name']})",
+        f"# {title} — {env['device']} ({env['device_name']})"
+        + (", torch.compile" if s.get("compile") else ""),
         "",
         f"torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}, "
         f"deltatune {env['deltatune']} ({env['git']}); {s['dtype']}, torch threads: "
@@ -722,6 +731,8 @@ def parse_args(suite: Suite, argv: list[str] | None = None) -> tuple[Settings, P
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     p.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
+    p.add_argument("--compile", action="store_true",
+                   help="run every case under torch.compile (ratios against the compiled floor)")
     p.add_argument("--malloc", choices=["cached", "default"], default="cached",
                    help="CPU timing: configure glibc malloc to cache freed memory (default; no "
                         "page faults after warm-up) or leave its defaults")
@@ -748,7 +759,7 @@ def parse_args(suite: Suite, argv: list[str] | None = None) -> tuple[Settings, P
         preset=preset, warmup=a.warmup if a.warmup is not None else (1 if a.quick else 2),
         steps=a.steps if a.steps is not None else (3 if a.quick else suite.default_steps),
         seed=a.seed, threads=a.threads or torch.get_num_threads(), memory=not a.no_memory,
-        malloc=a.malloc, cases=names,
+        malloc=a.malloc, cases=names, compile=a.compile,
         **shape)
     if settings.steps < 1 or settings.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
@@ -789,7 +800,7 @@ def main(suite: Suite, argv: list[str] | None = None) -> dict[str, Any]:
     if suite.annotate is not None:
         suite.annotate(report)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"{suite.name}_{s.device}"
+    stem = out / f"{suite.name}_{s.device}{'_compiled' if s.compile else ''}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     table = suite.markdown(report)
     stem.with_suffix(".md").write_text(table)

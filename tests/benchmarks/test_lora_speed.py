@@ -94,3 +94,20 @@ def test_markdown_table(report: tuple[dict, Path]) -> None:
     table = (out / "lora_speed_cpu.md").read_text()
     for case in data["cases"].values():
         assert f"| {case['label']} |" in table
+
+
+@pytest.mark.slow
+def test_compiled_run(tmp_path: Path) -> None:
+    """``--compile``: every case under ``torch.compile`` (inductor), the same sanity checks."""
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--threads", "1", "--compile", "--no-memory",
+         "--cases", "dt_lora_all,infer_dt_unmerged", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=900, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    report = json.loads((tmp_path / "lora_speed_cpu_compiled.json").read_text())
+    assert report["settings"]["compile"] is True
+    assert {"floor", "dt_lora_all", "infer_base", "infer_dt_unmerged"} <= set(report["cases"])
+    assert report["sanity"]["logits_rel_diff"]["dt_unmerged_vs_base"] > 1e-3  # adapter on
+    assert (tmp_path / "lora_speed_cpu_compiled.md").read_text().startswith(
+        "# LoRA speed — cpu") and "torch.compile" in (
+        tmp_path / "lora_speed_cpu_compiled.md").read_text().splitlines()[0]
