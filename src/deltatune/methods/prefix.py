@@ -10,7 +10,9 @@ before the first token; ``core.sequence`` prepends ``n`` ones to the attention m
 peft (and the original implementation), the real tokens' positions then start at ``n``. In
 ``generate()`` the prefixes are filled once, at prefill, and stay in the cache. Works for the
 decoder-only and encoder models whose forward takes ``past_key_values`` (Llama family, GPT-2,
-GPT-NeoX, BERT, RoBERTa …); every attention layer must carry a prefix.
+GPT-NeoX, BERT, RoBERTa …); every attention layer must carry a prefix. Under gradient
+checkpointing transformers' layers drop the cache (it would be written twice); a forward pre-hook
+on each attention then hands it the prefixes itself (``_CheckpointFallback``).
 
 ``gate=True`` (UniPELT-style) scales each layer's prefix values by a learned ``sigmoid(g_l)``
 (one scalar per layer, starting at 1/2): the prefixes enter the cache before the layer's input
@@ -37,6 +39,7 @@ from ..core.config import DeltaConfig
 from ..core.delta import Delta
 from ..core.errors import ConfigError, TargetError
 from ..core.geometry import LayerInfo
+from ..core.layers import DeltaLayer
 from ..core.registry import register
 from ..core.sequence import TokenCall
 
@@ -219,6 +222,8 @@ class PrefixDelta(Delta):
                     "exclude= (a prefix on the input alone is prompt tuning)")
         first = next(iter(by_layer.values()))
         call.keys += sum(d.num_tokens for d in first)
+        for index, group in enumerate(by_layer.values()):
+            _CheckpointFallback.ensure(call, group[0], index)
         if not call.embeds_input:  # decoding over a cache that holds the prefixes already
             return
         from ..integrations.transformers import prefilled_cache
@@ -245,6 +250,63 @@ class PrefixDelta(Delta):
             raise ConfigError("prefixes are saved folded; load them into a config without "
                               "projection (as saved)")
         super().load_state_tensors(tensors)
+
+
+class _CheckpointFallback:
+    """The prefixes of one attention layer whose key/value cache was dropped on the way.
+
+    transformers' checkpointed decoder layers drop ``past_key_values`` (the recomputation in
+    the backward pass would write the cache a second time), so the prefixes filled into it never
+    reach the attention while the mask and positions still count them. This forward pre-hook on
+    the attention module (with its output layer) gives such a call (no cache; prefixes active) a
+    fresh cache holding that layer's prefixes, computed from the parameters inside the
+    checkpointed region: the recomputation rebuilds them identically and gradients reach them
+    with either ``use_reentrant``. It holds no references (the model still deep-copies and
+    pickles) and finds the prefixes through the attention module itself, so it is inert once
+    they are deleted or unloaded.
+    """
+
+    def __init__(self, relative: str, index: int, params: tuple[str, ...]) -> None:
+        self.relative, self.index = relative, index  # output layer below the attention; cache slot
+        self.slot = params.index("past_key_values") if "past_key_values" in params else None
+
+    @classmethod
+    def ensure(cls, call: TokenCall, delta: PrefixDelta, index: int) -> None:
+        """Register the hook (once) on the innermost module holding both ``delta``'s attention
+        and its output layer, if that module takes the cache."""
+        parts = []
+        for a, b in zip(delta.info.tap.split("."), delta.path.split("."), strict=False):
+            if a != b:
+                break
+            parts.append(a)
+        attention = call.model.get_submodule(".".join(parts))
+        params = tuple(inspect.signature(attention.forward).parameters)
+        if "past_key_values" in params and not any(
+                isinstance(h, cls) for h in attention._forward_pre_hooks.values()):
+            relative = delta.path[len(".".join(parts)) + 1:]
+            attention.register_forward_pre_hook(cls(relative, index, params), with_kwargs=True)
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
+        positional = self.slot is not None and len(args) > self.slot
+        if (args[self.slot] if positional else kwargs.get("past_key_values")) is not None:
+            return None  # the usual path: the cache holds the prefixes
+        layer = module.get_submodule(self.relative)
+        if not isinstance(layer, DeltaLayer) or layer.disabled:  # unloaded, or disabled
+            return None
+        deltas = [layer.deltas[n] for n in layer.active
+                  if n not in layer.merged and isinstance(layer.deltas[n], PrefixDelta)]
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if not deltas or not isinstance(hidden, Tensor):
+            return None
+        from ..integrations.transformers import prefilled_cache
+
+        keys, values = zip(*(d.keys_values(hidden.shape[0]) for d in deltas), strict=True)
+        dtype = next(p.dtype for p in module.parameters() if p.is_floating_point())
+        cache = prefilled_cache(module, [])  # (the attention's config, when it has one)
+        cache.update(torch.cat(keys, 2).to(dtype), torch.cat(values, 2).to(dtype), self.index)
+        if positional:
+            return (*args[:self.slot], cache, *args[self.slot + 1:]), kwargs
+        return args, {**kwargs, "past_key_values": cache}
 
 
 def _takes_cache(module: nn.Module) -> bool:
