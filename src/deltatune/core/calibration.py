@@ -1,17 +1,24 @@
 """One calibration pass over user data: per-layer statistics that data-driven inits start from.
 
-A method whose initialisation reads data (LoRA-GA, CorDA, LoRA-SB …) declares what it needs as
-``Delta.calibration``; ``inject(model, config, name, data=..., loss_fn=...)`` then runs the model
-once over ``data`` *before* building the deltas, with hooks on the targeted base layers only,
-and hands each delta its layer's statistics while its ``reset_parameters`` runs
-(``Delta.calibration_stats``). Statistics, in the layer's matrix form (``core.geometry``), fp32,
-on the layer's device, accumulated while streaming (no activation is kept):
+A method whose initialisation reads data (LoRA-GA, CorDA, LoRA-SB, FISH Mask …) declares what it
+needs as ``Delta.calibration`` (per config: ``Delta.calibration_for``); ``inject(model, config,
+name, data=..., loss_fn=...)`` then runs the model once over ``data`` *before* building the
+deltas, with hooks on the targeted base layers only, and hands each delta its layer's statistics
+while its ``reset_parameters`` runs (``Delta.calibration_stats``). Statistics, in the layer's
+matrix form (``core.geometry``), fp32, on the layer's device, accumulated while streaming (no
+activation is kept):
 
 * ``"input_cov"``: ``E[x xᵀ]`` ``(in, in)`` over every position the layer sees (every token,
   padding included; every convolution patch; an embedding's one-hot ids);
 * ``"weight_grad"``: ``∂L/∂W`` ``(out, in)``, the loss gradient w.r.t. the base weight, averaged
   over batches. ``L`` is ``loss_fn(output, batch)`` or else the output's ``loss`` (a Hugging
-  Face model computes one when the batch has ``labels``).
+  Face model computes one when the batch has ``labels``);
+* ``"weight_grad_sq"``: ``E_batches[(∂L/∂W)²]`` ``(out, in)``, squared batch gradients averaged
+  over batches (SPT's parameter sensitivity);
+* ``"fisher"``: the diagonal empirical Fisher ``E_samples[(∂ℓ_i/∂W)²]`` ``(out, in)``, squared
+  *per-sample* gradients averaged over every sample of every batch (FISH Mask's). Each batch is
+  split along its first axis (``split_samples``) and each sample runs forward and backward on
+  its own, with ``ℓ_i = loss_fn(output_i, sample_i)``: one backward pass per sample.
 
 The base stays frozen and unchanged: the model runs in eval mode (no dropout, no running-stat
 updates); for gradients only the targeted weights require grad during the pass and the
@@ -21,8 +28,12 @@ modes, ``requires_grad`` flags and hooks are restored however the pass ends. Bat
 device of the model's first parameter. Deltas made this way save everything they need: loading
 never needs data.
 
-Memory: ``in²`` floats per layer for ``input_cov`` and ``out × in`` for ``weight_grad`` (for
-every targeted layer at once: the size of those weights, in fp32), plus one batch's graph.
+A method that splits one model-wide budget by these statistics (FISH Mask's top-k over every
+targeted weight) does so in its ``Delta.allocate``, after the pass and before any delta is
+built, with ``split_top_k``.
+
+Memory: ``in²`` floats per layer for ``input_cov`` and ``out × in`` for each gradient statistic
+(for every targeted layer at once: the size of those weights, in fp32), plus one batch's graph.
 """
 
 from __future__ import annotations
@@ -40,7 +51,10 @@ from .geometry import LayerInfo
 from .targeting import Matcher
 
 #: The statistics a ``Delta.calibration`` may name.
-STATISTICS = frozenset({"input_cov", "weight_grad"})
+STATISTICS = frozenset({"input_cov", "weight_grad", "weight_grad_sq", "fisher"})
+#: Those read from loss gradients (they need a loss, and the targeted weights require grad).
+GRADIENTS = frozenset({"weight_grad", "weight_grad_sq", "fisher"})
+_INT32 = torch.iinfo(torch.int32)
 
 Stats = dict[str, dict[str, Tensor]]
 LossFn = Callable[[Any, Any], Tensor]
@@ -93,16 +107,17 @@ def calibrate(
         needs: statistic names from ``STATISTICS``.
         data: an iterable of batches: dicts (keyword arguments), tuples / lists (positional
             arguments) or tensors (one positional argument).
-        loss_fn: ``loss_fn(output, batch)`` → scalar loss, for ``"weight_grad"``; default: the
-            output's ``loss``.
+        loss_fn: ``loss_fn(output, batch)`` → scalar loss, for the gradient statistics (called
+            with one sample's output and sub-batch for ``"fisher"``); default: the output's
+            ``loss``.
         method: the method's name, for error messages.
 
     Returns:
         ``{path: {name: tensor}}``, fp32, on each layer's device.
 
     Raises:
-        ConfigError: no data, no batch in it, no loss, a layer the data never reached, or a
-            layer kind without a matrix form.
+        ConfigError: no data, no batch in it, no loss, a layer the data never reached, a
+            layer kind without a matrix form, or (``"fisher"``) a batch without a batch axis.
     """
     needs = frozenset(needs)
     if needs - STATISTICS:
@@ -110,7 +125,7 @@ def calibrate(
                           f"known: {sorted(STATISTICS)}")
     what = f"{method!r} initialises from data" if method else "this initialisation needs data"
     if data is None:
-        loss = (" and a loss (batches with labels=, or loss_fn=)" if "weight_grad" in needs
+        loss = (" and a loss (batches with labels=, or loss_fn=)" if needs & GRADIENTS
                 else "")
         raise ConfigError(f"{what}: pass data= (an iterable of a few batches: dicts of "
                           f"keyword tensors, or tensors){loss} to deltatune.inject")
@@ -141,11 +156,15 @@ class _Pass:
                  needs: frozenset[str], loss_fn: LossFn | None, what: str) -> None:
         self.model, self.layers, self.loss_fn, self.what = model, layers, loss_fn, what
         self.cov = "input_cov" in needs
-        self.grad = "weight_grad" in needs
+        self.batch_grads = needs & {"weight_grad", "weight_grad_sq"}  # from whole batches
+        self.fisher = "fisher" in needs  # from one sample at a time
+        self.grad = bool(needs & GRADIENTS)
         first = next(model.parameters(), None)
         self.device = first.device if first is not None else None
         self.sums: Stats = {path: {} for path in layers}
         self.tokens = dict.fromkeys(layers, 0)
+        self.samples = 0
+        self.observing = True  # whether the covariance hooks count the current forward
         self.seen: set[str] = set()
         self.weights: dict[str, Tensor] = {}
         for path, (module, info) in layers.items():
@@ -156,8 +175,9 @@ class _Pass:
             zeros = dict(device=weight.device, dtype=torch.float32)
             if self.cov:
                 self.sums[path]["input_cov"] = torch.zeros(info.in_dim, info.in_dim, **zeros)
+            for name in sorted(needs & GRADIENTS):
+                self.sums[path][name] = torch.zeros(info.out_dim, info.in_dim, **zeros)
             if self.grad:
-                self.sums[path]["weight_grad"] = torch.zeros(info.out_dim, info.in_dim, **zeros)
                 self.weights[path] = weight
 
     @contextlib.contextmanager
@@ -192,7 +212,7 @@ class _Pass:
 
         def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
             x = args[0] if args else next(iter(kwargs.values()), None)
-            if not isinstance(x, Tensor):
+            if not self.observing or not isinstance(x, Tensor):
                 return
             with torch.no_grad():
                 self.tokens[path] += _accumulate_cov(acc, info, x.detach())
@@ -200,22 +220,42 @@ class _Pass:
         return hook
 
     def step(self, batch: Any) -> None:
-        """One batch: forward (hooks gather covariances), then the weight gradients."""
+        """One batch: forward (hooks gather covariances) and the batch gradients, then the
+        per-sample gradients."""
         batch = to_device(batch, self.device)
-        with torch.enable_grad() if self.grad else torch.no_grad():
+        if self.cov or self.batch_grads:
+            self.observing = True
+            for path, g in self._gradients(batch, bool(self.batch_grads)).items():
+                sums = self.sums[path]
+                if "weight_grad" in sums:
+                    sums["weight_grad"].add_(g)
+                if "weight_grad_sq" in sums:
+                    sums["weight_grad_sq"].addcmul_(g, g)
+        if self.fisher:
+            self.observing = False  # the covariances count each position once, above
+            for sample in split_samples(batch):
+                for path, g in self._gradients(sample, True).items():
+                    self.sums[path]["fisher"].addcmul_(g, g)
+                self.samples += 1
+
+    def _gradients(self, batch: Any, grads: bool) -> dict[str, Tensor]:
+        """Run the model on ``batch``; with ``grads``, the loss gradient of every targeted
+        weight the loss reaches, in matrix form, fp32."""
+        with torch.enable_grad() if grads else torch.no_grad():
             output = call_model(self.model, batch)
-            if not self.grad:
-                return
+            if not grads:
+                return {}
             loss = self._loss(output, batch)
-            paths = list(self.weights)
             unique = list({id(w): w for w in self.weights.values()}.values())
-            grads = dict(zip([id(w) for w in unique],
+            found = dict(zip([id(w) for w in unique],
                              torch.autograd.grad(loss, unique, allow_unused=True), strict=True))
-        for path in paths:
-            g = grads[id(self.weights[path])]
+        out = {}
+        for path, weight in self.weights.items():
+            g = found[id(weight)]
             if g is not None:
                 self.seen.add(path)
-                self.sums[path]["weight_grad"].add_(self.layers[path][1].weight_matrix(g).float())
+                out[path] = self.layers[path][1].weight_matrix(g).float()
+        return out
 
     def _loss(self, output: Any, batch: Any) -> Tensor:
         if self.loss_fn is not None:
@@ -237,19 +277,80 @@ class _Pass:
         return loss
 
     def results(self, batches: int) -> Stats:
-        """Means: covariances over positions, gradients over batches."""
+        """Means: covariances over positions, batch gradients over batches, the Fisher over
+        samples."""
         for path, sums in self.sums.items():
             if self.cov:
                 if self.tokens[path] == 0:
                     raise ConfigError(f"{path}: the calibration data never reached this layer; "
                                       "exclude it or pass data that runs through it")
                 sums["input_cov"].div_(self.tokens[path])
-            if self.grad:
-                if path not in self.seen:
-                    raise ConfigError(f"{path}: the calibration loss does not depend on this "
-                                      "layer; exclude it or use a loss that does")
-                sums["weight_grad"].div_(batches)
+            if self.grad and path not in self.seen:
+                raise ConfigError(f"{path}: the calibration loss does not depend on this "
+                                  "layer; exclude it or use a loss that does")
+            for name in ("weight_grad", "weight_grad_sq"):
+                if name in sums:
+                    sums[name].div_(batches)
+            if "fisher" in sums:
+                sums["fisher"].div_(max(self.samples, 1))
         return self.sums
+
+
+# ------------------------------------------------------------------------ model-wide budgets
+def split_top_k(scores: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]],
+                k: int) -> dict[str, int]:
+    """How many entries of each score tensor are among the ``k`` best over all of them, each
+    tensor keeping at least its own best entry (none is left empty); ties at the threshold go to
+    earlier tensors.
+
+    A model-wide top-k (FISH Mask's, SPT's) from per-layer statistics, without concatenating
+    them: the k-th best score is found by bisection over the scores' float32 bit patterns (at
+    most 32 counting passes, exact). Each tensor is turned into int32 keys as it comes, so an
+    iterable of ``(name, scores)`` pairs lets the caller hold one score tensor at a time.
+
+    Args:
+        scores: ``{name: scores}`` or ``(name, scores)`` pairs; any shapes, finite, higher is
+            better.
+        k: the budget, from the number of tensors to their total size.
+
+    Returns:
+        ``{name: count}`` in the order given, summing to ``k``.
+
+    Raises:
+        ValueError: ``k`` outside that range.
+    """
+    items = scores.items() if isinstance(scores, Mapping) else scores
+    keys = {name: _keys(s.detach().reshape(-1)) for name, s in items}
+    total = sum(key.numel() for key in keys.values())
+    if not len(keys) <= k <= total:
+        raise ValueError(f"a budget of {k} entries cannot give each of {len(keys)} tensors one "
+                         f"(they hold {total})")
+    counts = dict.fromkeys(keys, 1)
+    for key in keys.values():
+        key[key.argmax()] = _INT32.min  # each tensor's best is kept anyway
+    rest = k - len(keys)
+    if rest == 0:
+        return counts
+
+    def above(t: int) -> int:
+        return sum(int((key > t).sum()) for key in keys.values())
+
+    lo, hi = _INT32.min, _INT32.max - 1  # above(lo) >= rest: the largest such lo
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if above(mid) >= rest else (lo, mid - 1)
+    need = rest - above(lo + 1)  # entries strictly better than the k-th best key (lo + 1)
+    for name, key in keys.items():
+        ties = min(int((key == lo + 1).sum()), need)
+        need -= ties
+        counts[name] += int((key > lo + 1).sum()) + ties
+    return counts
+
+
+def _keys(score: Tensor) -> Tensor:
+    """int32 keys ordered like the float32 ``score`` (negative floats' magnitude bits flipped)."""
+    bits = score.float().contiguous().view(torch.int32)
+    return torch.where(bits < 0, bits ^ _INT32.max, bits)
 
 
 def _accumulate_cov(acc: Tensor, info: LayerInfo, x: Tensor) -> int:
@@ -279,6 +380,39 @@ def to_device(batch: Any, device: torch.device | None) -> Any:
     if type(batch) in (tuple, list):
         return type(batch)(to_device(v, device) for v in batch)
     return batch
+
+
+def split_samples(batch: Any) -> list[Any]:
+    """The samples of one batch, each a batch of one: every tensor whose first axis has the
+    batch's size (that of the first tensor with an axis) is sliced along it, other values are
+    shared by every sample.
+
+    Raises:
+        ConfigError: the batch holds no tensor with a batch axis.
+    """
+    size = _batch_size(batch)
+    if size is None:
+        raise ConfigError("per-sample statistics (\"fisher\") split each batch along its first "
+                          "axis, and this batch holds no tensor with one")
+    return [_sample(batch, i, size) for i in range(size)]
+
+
+def _batch_size(value: Any) -> int | None:
+    if isinstance(value, Tensor):
+        return value.shape[0] if value.dim() else None
+    items = value.values() if isinstance(value, Mapping) else (
+        value if type(value) in (tuple, list) else ())
+    return next((n for v in items if (n := _batch_size(v)) is not None), None)
+
+
+def _sample(value: Any, i: int, size: int) -> Any:
+    if isinstance(value, Tensor):
+        return value[i:i + 1] if value.dim() and value.shape[0] == size else value
+    if isinstance(value, Mapping):
+        return {k: _sample(v, i, size) for k, v in value.items()}
+    if type(value) in (tuple, list):
+        return type(value)(_sample(v, i, size) for v in value)
+    return value
 
 
 def call_model(model: nn.Module, batch: Any) -> Any:

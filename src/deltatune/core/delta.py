@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .errors import ConfigError
 from .geometry import LayerInfo
 
 if TYPE_CHECKING:
@@ -100,8 +101,10 @@ class Delta(nn.Module):
     #: Statistics of the base layer that ``reset_parameters`` initialises from, gathered by one
     #: calibration pass over user data in ``inject(..., data=, loss_fn=)`` (``core.calibration``):
     #: ``"input_cov"`` (``E[x xᵀ]``, ``(in, in)``), ``"weight_grad"`` (the loss gradient w.r.t.
-    #: the weight, ``(out, in)``); read through ``calibration_stats``. Such deltas save all they
-    #: built from the data (``load`` never has any).
+    #: the weight, ``(out, in)``), ``"weight_grad_sq"`` (squared batch gradients), ``"fisher"``
+    #: (squared per-sample gradients); read through ``calibration_stats``. Such deltas save all
+    #: they built from the data (``load`` never has any). The statistics a given config needs
+    #: are ``calibration_for(config)`` (a subset; empty: that config takes no data).
     calibration: ClassVar[frozenset[str]] = frozenset()
     #: Config variants (keyword arguments) the contract test-suite runs, besides the defaults.
     examples: ClassVar[tuple[Mapping[str, object], ...]] = ({},)
@@ -122,6 +125,9 @@ class Delta(nn.Module):
         self.adapter_config: DeltaConfig = config
         #: Whether ``forward`` receives the tapped sub-layer input as ``x`` (parallel forms).
         self.reads_tap = False
+        #: Modules (logical paths) whose inputs ``on_tap`` receives as the model runs them,
+        #: while the delta is live: a side network's ladder (``methods.side``).
+        self.taps: tuple[str, ...] = ()
         #: Tokens form: how many positions this delta adds to the sequence.
         self.num_tokens = 0
         #: The core's gate when ``config.gate`` and ``gating == "output"`` (set by the core).
@@ -131,6 +137,10 @@ class Delta(nn.Module):
     def bind(self, base: nn.Module) -> None:
         """Called with the base layer whenever the delta is attached (inject and load); a
         method whose forward reads the base weights keeps a reference here (default: none)."""
+
+    def on_tap(self, path: str, x: Tensor) -> None:
+        """Receive the input of tapped module ``path`` (one of ``taps``), each time the model
+        calls it while this delta is live; before this layer's own call in the same forward."""
 
     def reset_parameters(self, base: nn.Module) -> None:
         """Initialise parameters (may read the base layer's weights). Skipped on ``meta``."""
@@ -196,6 +206,23 @@ class Delta(nn.Module):
         """``config`` with fields that depend on the model filled in, before targeting (e.g.
         prefix tuning's key/value head geometry). Saved with the adapter, so a load builds the
         same shapes. The default returns ``config`` unchanged."""
+        return config
+
+    @classmethod
+    def calibration_for(cls, config: DeltaConfig) -> frozenset[str]:
+        """The statistics deltas made with ``config`` need from the calibration pass: a subset
+        of ``calibration`` (default: all of it); empty when this config reads no data (e.g. a
+        sparse delta that selects by weight magnitude)."""
+        return cls.calibration
+
+    @classmethod
+    def allocate(cls, model: nn.Module, config: DeltaConfig, targets: Mapping[str, LayerInfo],
+                 stats: Mapping[str, Mapping[str, Tensor]]) -> DeltaConfig:
+        """``config`` with what depends on every target at once filled in, after targeting and
+        the calibration pass (``stats``: ``{path: {statistic: tensor}}``, empty without one) and
+        before any delta is built — e.g. how a model-wide budget splits into per-module sizes,
+        written as per-module ``overrides``. Saved with the adapter, so a load rebuilds the same
+        shapes without data. The default returns ``config`` unchanged."""
         return config
 
     @classmethod
@@ -325,6 +352,37 @@ class Delta(nn.Module):
         from .per_sample import each_delta
 
         return each_delta(sel, "pre", x, x)
+
+    # ---------------------------------------------------------------------------- hot swap
+    #: Config fields a hot swap (``core.hotswap``) may change: the swapped-in delta's config
+    #: must equal this one's in every other field but the placement ones. ``"rank"`` here
+    #: means that rank-sized tensors are padded with zeros (``pad_config``) without changing
+    #: the output. The defaults: nothing may differ, so the tensors have the same shapes.
+    swappable: ClassVar[frozenset[str]] = frozenset()
+    #: The methods a class's hot-swap support (``swappable``, ``pad_config``,
+    #: ``prepare_swap``, ``apply_config``) relies on: a subclass that overrides one of them
+    #: without declaring ``swappable`` itself gets the default (equal configs only).
+    swap_reads: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def pad_config(cls, config: DeltaConfig, rank: int) -> DeltaConfig:
+        """A config for the same function at rank ``rank`` (its extra rows and columns zero),
+        overrides included; only called on methods with ``"rank"`` in ``swappable``.
+
+        Raises:
+            ConfigError: the delta cannot be padded (say why, and what to do).
+        """
+        raise ConfigError(f"{cls.method!r} deltas have no rank to pad")
+
+    def prepare_swap(self) -> None:
+        """Move the numbers the forward reads from the config (scalings) into tensors, so that
+        a swap changes tensor values, not Python constants a compiled graph depends on.
+        Default: nothing (such methods read no config number in their forward)."""
+
+    def apply_config(self, config: DeltaConfig) -> None:
+        """Take ``config`` (differing from ``self.config`` in ``swappable`` fields only) after
+        a hot swap: update what was derived from it, in place. Default: store it."""
+        self.config = config
 
     # --------------------------------------------------------------------------- state
     def state_tensors(self) -> dict[str, Tensor]:

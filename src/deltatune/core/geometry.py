@@ -15,6 +15,11 @@ map added to the output. ``LayerInfo`` provides them for
 A target found through a block-level canonical name (``attn``, ``ffn``) also carries a *tap*:
 the module whose input is the block's input, which parallel-form deltas read instead of the
 layer's own input.
+
+A base layer may store its weight quantized (``deltatune.quant``: NF4, int8): it then implements
+``QuantizedWeight``. Whatever reads a base weight as numbers (merging, DoRA's row norm, task
+vectors) goes through ``dense_weight`` / ``read_param``, which dequantize; writing one back
+(``requantize_weight``) is lossy, so ``lifecycle`` only does it when asked (``allow_lossy``).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -207,5 +213,69 @@ def creatable(module: nn.Module, key: str) -> bool:
 
 
 def base_params(module: nn.Module) -> dict[str, Tensor | None]:
-    """The base layer's own ``weight`` and ``bias`` (``None`` where absent)."""
-    return {"weight": getattr(module, "weight", None), "bias": getattr(module, "bias", None)}
+    """The base layer's own ``weight`` and ``bias`` (``None`` where absent), as plain tensors
+    (a quantized weight dequantized)."""
+    return {"weight": read_param(module, "weight"), "bias": read_param(module, "bias")}
+
+
+# ------------------------------------------------------------------------ quantized storage
+@runtime_checkable
+class QuantizedWeight(Protocol):
+    """A base layer whose ``weight`` is stored quantized (``deltatune.quant.QuantizedLinear``).
+
+    The stored tensor is not a plain matrix of numbers; the core reads it through
+    ``dequantized_weight`` and writes it through ``requantize_weight`` (lossy: the new value is
+    rounded to the quantization grid).
+    """
+
+    #: The quantization scheme, for messages (``"nf4"``, ``"int8"`` …).
+    scheme: str
+    #: The dtype the weight dequantizes to (the dtype the layer computes in).
+    weight_dtype: torch.dtype
+    #: Incremented whenever the stored weight changes (requantized, moved).
+    weight_version: int
+
+    def dequantized_weight(self) -> Tensor:
+        """The weight in its native layout, dequantized to ``weight_dtype``."""
+        ...
+
+    def requantize_weight(self, weight: Tensor) -> None:
+        """Quantize ``weight`` (native layout, any float dtype) and store it in place."""
+        ...
+
+    def dequantized(self) -> nn.Module:
+        """A plain full-precision module computing what this one computes."""
+        ...
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """Whether ``module`` stores its weight quantized (implements ``QuantizedWeight``)."""
+    return callable(getattr(type(module), "requantize_weight", None))
+
+
+def read_param(module: nn.Module, key: str) -> Tensor | None:
+    """``module``'s parameter ``key`` as a plain tensor (``None`` if absent): a quantized
+    weight is dequantized."""
+    if key == "weight" and is_quantized(module):
+        return module.dequantized_weight()
+    value = getattr(module, key, None)
+    return value if isinstance(value, Tensor) else None
+
+
+def dense_weight(module: nn.Module) -> Tensor:
+    """``module.weight`` as a plain tensor in its native layout (dequantized if quantized)."""
+    return module.dequantized_weight() if is_quantized(module) else module.weight
+
+
+def weight_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype ``module`` computes its weight in (a quantized weight's dequantized dtype)."""
+    return module.weight_dtype if is_quantized(module) else module.weight.dtype
+
+
+def weight_key(module: nn.Module) -> tuple:
+    """A key that changes whenever ``module.weight``'s value does (for caches of quantities
+    derived from it, e.g. DoRA's row norm)."""
+    if is_quantized(module):
+        return (id(module), module.weight_version)
+    weight = module.weight
+    return (weight.data_ptr(), weight._version)

@@ -14,7 +14,7 @@ from .calibration import calibrate, provide
 from .config import DeltaConfig
 from .delta import Delta, Gate
 from .errors import AdapterNameError, ConfigError, TargetError
-from .geometry import LayerInfo
+from .geometry import LayerInfo, is_quantized
 from .layers import DeltaLayer
 from .lifecycle import activate, active_adapters, adapters, combination, delta_layers
 from .registry import get_method
@@ -56,9 +56,10 @@ def inject(
         config: a registered method's config, e.g. ``LoraConfig(rank=8)``.
         name: the delta's name (see ``check_name``).
         trainable: whether the new delta's parameters require grad.
-        data: for methods that initialise from data (``Delta.calibration``: LoRA-GA, CorDA,
-            LoRA-SB …), a few batches — dicts of keyword tensors, tuples or tensors — run
-            through the model once (``core.calibration``); other methods take none.
+        data: for methods that initialise from data (``Delta.calibration_for(config)``: LoRA-GA,
+            CorDA, LoRA-SB, sparse deltas scored by Fisher information …), a few batches —
+            dicts of keyword tensors, tuples or tensors — run through the model once
+            (``core.calibration``); other methods (and configs) take none.
         loss_fn: ``loss_fn(output, batch)`` → scalar loss, for inits that read gradients;
             default: the model output's ``loss``.
 
@@ -79,12 +80,14 @@ def inject(
     config = cls.complete(model, config)
     targets = resolve_targets(model, config, cls.layer_kinds, cls.default_targets, spec.name,
                               cls.accepts)
-    if not cls.calibration:
-        if data is not None:
-            raise ConfigError(f"{spec.name!r} does not initialise from data; drop data=")
-        return attach(model, config, name, targets, trainable=trainable, init=True)
+    needs = cls.calibration_for(config)
+    if not needs and data is not None:
+        raise ConfigError(f"{spec.name!r} does not initialise from data"
+                          f"{' with this config' if cls.calibration else ''}; drop data=")
     check_name(name)
-    stats = calibrate(model, targets, cls.calibration, data, loss_fn=loss_fn, method=spec.name)
+    stats = calibrate(model, targets, needs, data, loss_fn=loss_fn,
+                      method=spec.name) if needs else {}
+    config = cls.allocate(model, config, targets, stats)
     with provide(stats):  # read by the deltas' reset_parameters, freed after
         return attach(model, config, name, targets, trainable=trainable, init=True)
 
@@ -112,12 +115,12 @@ def attach(
     built = []
     for path, info in targets.items():
         base = matcher.modules[path]
-        built.append((path, info, build_delta(cls, base, info,
-                                              module_config(matcher, config, path), path,
-                                              init=init, shared=shared)))
+        delta = build_delta(cls, base, info, module_config(matcher, config, path), path,
+                            init=init, shared=shared)
+        built.append((path, info, delta, _tap_modules(matcher, delta)))
     mode = combination(model)
     layers = delta_layers(model)
-    for path, info, delta in built:
+    for path, info, delta, taps in built:
         delta.adapter_config = config
         layer = layers.get(path)
         if layer is None:
@@ -127,7 +130,7 @@ def attach(
         layer.train(layer.base_layer.training)  # new modules follow the model's mode
         delta.train(layer.base_layer.training)
         delta.bind(layer.base_layer)
-        layer.add(name, delta, matcher.modules[info.tap] if delta.reads_tap else None)
+        layer.add(name, delta, matcher.modules[info.tap] if delta.reads_tap else None, taps)
         delta.requires_grad_(trainable)
     _freeze_base(model)
     sync(model)
@@ -137,6 +140,20 @@ def attach(
     else:
         activate(model, [*active_adapters(model), name], combine=mode)
     return model
+
+
+def _tap_modules(matcher: Matcher, delta: Delta) -> dict[str, nn.Module]:
+    """The modules at ``delta.taps`` (logical paths).
+
+    Raises:
+        TargetError: a path names no module of the model.
+    """
+    missing = [p for p in delta.taps if p not in matcher.modules]
+    if missing:
+        raise TargetError(f"{delta.path}: the {delta.method!r} delta reads the inputs of "
+                          f"{missing}, which this model does not have; it was made for another "
+                          "architecture (or depth)")
+    return {p: matcher.modules[p] for p in delta.taps}
 
 
 def build_delta(cls: type[Delta], base: nn.Module, info: LayerInfo, config: DeltaConfig,
@@ -187,7 +204,8 @@ def _placement(base: nn.Module, config: DeltaConfig, path: str,
     weight = next(base.parameters(), None)
     if weight is None:
         raise TargetError(f"{path!r} has no parameters to take a device and dtype from")
-    dtype = getattr(torch, config.dtype) if config.dtype else weight.dtype
+    native = base.weight_dtype if is_quantized(base) else weight.dtype  # dequantized dtype
+    dtype = getattr(torch, config.dtype) if config.dtype else native
     if not dtype.is_floating_point:
         raise ConfigError(f"{path!r} has {weight.dtype} weights; set dtype= in the config "
                           "to choose the delta's floating-point dtype")

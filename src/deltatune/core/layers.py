@@ -27,7 +27,10 @@ The unmerged forward equals the merged one for every combination that can be mer
 
 Taps. A delta whose target was found through a sub-layer name (``ffn``) may read the sub-layer's
 input instead of the layer's (``Delta.reads_tap``): a forward pre-hook on the tap module keeps a
-reference to that input for the layer's next call.
+reference to that input for the layer's next call. A delta may also listen to other modules
+(``Delta.taps``): a forward pre-hook on each hands their inputs to ``Delta.on_tap`` as the model
+runs them, while the delta is live — a side network (``methods.side``) builds its ladder from
+the blocks' inputs that way and changes only this layer's output.
 
 Per-sample deltas (``core.per_sample``). Inside ``per_sample(model, names)`` a layer whose rows
 all chose the same deltas simply runs with those active (the plan above, fast path included);
@@ -40,14 +43,14 @@ operations) so that per-sample plans built before one are rebuilt. Outside such 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 
 from torch import Tensor, nn
 from torch.func import functional_call
 
 from .delta import Delta
-from .geometry import LayerInfo
+from .geometry import LayerInfo, read_param
 
 
 class DeltaLayer(nn.Module):
@@ -83,6 +86,8 @@ class DeltaLayer(nn.Module):
         self._taps: dict[str, list] = {}
         self._tapped: dict[str, Tensor] = {}
         self._live_taps: frozenset[str] = frozenset()
+        #: Module path -> [hook handle, number of deltas listening] (``Delta.taps``).
+        self._listened: dict[str, list] = {}
         #: "sum", "stack", or one weight per active name (see the module docstring).
         self.combine: str | tuple[float, ...] = "sum"
         self._weights: tuple[float, ...] | None = None
@@ -90,11 +95,19 @@ class DeltaLayer(nn.Module):
         self._mix: Any = None
 
     # ----------------------------------------------------------------------------- state
-    def add(self, name: str, delta: Delta, tap_module: nn.Module | None = None) -> None:
+    def add(self, name: str, delta: Delta, tap_module: nn.Module | None = None,
+            taps: Mapping[str, nn.Module] | None = None) -> None:
         """Attach ``delta`` under ``name`` (inactive until ``set_active``).
 
-        ``tap_module`` is the module at ``delta.info.tap`` when the delta reads a tap.
+        ``tap_module`` is the module at ``delta.info.tap`` when the delta reads a tap; ``taps``
+        maps every path of ``delta.taps`` to its module.
         """
+        for path in delta.taps:
+            if path not in self._listened:
+                handle = taps[path].register_forward_pre_hook(self._make_listen_hook(path),
+                                                              with_kwargs=True)
+                self._listened[path] = [handle, 0]
+            self._listened[path][1] += 1
         if delta.reads_tap:
             tap = delta.info.tap
             if tap not in self._taps:
@@ -115,19 +128,34 @@ class DeltaLayer(nn.Module):
                 entry[0].remove()
                 del self._taps[delta.info.tap]
                 self._tapped.pop(delta.info.tap, None)
+        for path in delta.taps:
+            entry = self._listened[path]
+            entry[1] -= 1
+            if entry[1] == 0:
+                entry[0].remove()
+                del self._listened[path]
         self.set_active(n for n in self.active if n != name)
 
     def release(self) -> None:
         """Remove every tap hook (the layer is being unwrapped)."""
-        for handle, _ in self._taps.values():
+        for handle, _ in [*self._taps.values(), *self._listened.values()]:
             handle.remove()
         self._taps.clear()
         self._tapped.clear()
+        self._listened.clear()
 
     def _make_tap_hook(self, tap: str):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             if tap in self._live_taps and not self.disabled:
                 self._tapped[tap] = _first_input(args, kwargs)
+        return hook
+
+    def _make_listen_hook(self, path: str):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if not self.disabled:
+                for delta in self._plan:
+                    if path in delta.taps:
+                        delta.on_tap(path, _first_input(args, kwargs))
         return hook
 
     def set_active(self, names: Iterable[str],
@@ -234,7 +262,7 @@ class DeltaLayer(nn.Module):
                     continue
                 if weight != 1.0:
                     value = weight * value
-                current = new.get(key, getattr(base, key, None))
+                current = new[key] if key in new else read_param(base, key)  # dequantized
                 if isinstance(current, Tensor):
                     new[key] = current + value.to(current.dtype)
                 else:
@@ -255,7 +283,8 @@ class DeltaLayer(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name in ("base_layer", "deltas") or "_modules" not in self.__dict__:
+            if (name in ("base_layer", "deltas") or "_modules" not in self.__dict__
+                    or name.startswith("__")):  # protocols (``__deepcopy__`` …) are the wrapper's
                 raise
             return getattr(self._modules["base_layer"], name)
 

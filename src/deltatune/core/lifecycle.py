@@ -2,6 +2,12 @@
 
 All state lives in the model's ``DeltaLayer`` wrappers; these functions read it from the tree,
 so there is no second registry to fall out of sync.
+
+Quantized base layers (``geometry.QuantizedWeight``, ``deltatune.quant``): merging reads the
+dequantized weight and writes ``W + ΔW`` back by re-quantizing it, which rounds the result to
+the quantization grid — lossy, so ``merge`` / ``unmerge`` / ``unload`` refuse unless given
+``allow_lossy=True``. ``unload(merge=True, dequantize=True)`` is the exact alternative: every
+quantized layer becomes a plain full-precision one first, and the deltas merge into that.
 """
 
 from __future__ import annotations
@@ -11,12 +17,12 @@ import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from .config import DeltaConfig
 from .delta import Delta, Params
 from .errors import AdapterNameError, ConfigError, MergeError, StateError
-from .geometry import creatable
+from .geometry import base_params, creatable, is_quantized, weight_dtype
 from .layers import DeltaLayer
 from .registry import get_method
 
@@ -186,17 +192,25 @@ def delete(model: nn.Module, name: str) -> None:
 
 
 def merge(model: nn.Module, names: str | Iterable[str] | None = None, *,
-          safe: bool = True) -> None:
+          safe: bool = True, allow_lossy: bool = False) -> None:
     """Fold deltas into the base weights (default: every active, unmerged delta).
 
     Merging a delta twice is a no-op. With ``safe=True`` every merged weight is computed and
     checked for NaN/Inf before any weight is written, so a failure leaves the model untouched.
 
+    Args:
+        model: the model with deltas.
+        names: the deltas to merge (default: every active, unmerged one).
+        safe: check every merged weight before writing any.
+        allow_lossy: allow merging into quantized weights, which re-quantizes ``W + ΔW``
+            (rounding it, and with it the delta, to the quantization grid).
+
     Raises:
         AdapterNameError: an unknown name.
         StateError: a named delta is not active.
-        MergeError: a method is not mergeable, a weight is tied to another module, or (safe
-            mode) the result is not finite.
+        MergeError: a method is not mergeable, a weight is tied to another module, a weight is
+            stored quantized and ``allow_lossy`` is not set, or (safe mode) the result is not
+            finite.
     """
     names = _names(model, names, active_adapters(model))
     active = active_adapters(model)
@@ -204,22 +218,30 @@ def merge(model: nn.Module, names: str | Iterable[str] | None = None, *,
     if inactive:
         raise StateError(f"{inactive} are not active; activate them before merging")
     todo = _merge_plan(model, names)
-    if safe:  # check everything first, write only if every layer passes
-        for path, layer, deltas in todo:
-            _fold(path, layer, deltas, write=False, check=True)
+    for path, layer, deltas in todo:  # check first, write only if every layer passes
+        if safe or (not allow_lossy and is_quantized(layer.base_layer)):
+            _fold(path, layer, deltas, write=False, check=safe, lossy=allow_lossy)
     for path, layer, deltas in todo:
-        _fold(path, layer, deltas, write=True, check=False)
+        _fold(path, layer, deltas, write=True, check=False, lossy=True)
 
 
-def unmerge(model: nn.Module, names: str | Iterable[str] | None = None) -> None:
+def unmerge(model: nn.Module, names: str | Iterable[str] | None = None, *,
+            allow_lossy: bool = False) -> None:
     """Restore the base weights from merged deltas (default: all merged deltas).
 
     Every restored weight is computed and checked before any is written.
 
+    Args:
+        model: the model with merged deltas.
+        names: the deltas to unmerge (default: every merged one).
+        allow_lossy: allow writing quantized weights, which re-quantizes ``W' − ΔW`` (so the
+            restored base differs from the original by the rounding).
+
     Raises:
         AdapterNameError: an unknown name.
         MergeError: a non-additive delta merged after one of ``names`` stays merged (unmerge
-            it too), or the restored weights are not finite.
+            it too), a weight is stored quantized and ``allow_lossy`` is not set, or the
+            restored weights are not finite.
     """
     names = _names(model, names, merged_adapters(model))
     todo = []
@@ -235,10 +257,11 @@ def unmerge(model: nn.Module, names: str | Iterable[str] | None = None) -> None:
         todo.append((path, layer, targets))
     for write in (False, True):
         for path, layer, targets in todo:
-            _unfold(path, layer, targets, write=write)
+            _unfold(path, layer, targets, write=write, lossy=allow_lossy)
 
 
-def unload(model: nn.Module, *, merge: bool = False, safe: bool = True) -> nn.Module:
+def unload(model: nn.Module, *, merge: bool = False, safe: bool = True,
+           allow_lossy: bool = False, dequantize: bool = False) -> nn.Module:
     """Remove every wrapper and return a plain model.
 
     Args:
@@ -246,16 +269,28 @@ def unload(model: nn.Module, *, merge: bool = False, safe: bool = True) -> nn.Mo
         merge: fold the active deltas into the weights first (inactive ones are dropped);
             otherwise merged deltas are unmerged, giving back the base model.
         safe: as in ``merge``.
+        allow_lossy: as in ``merge``: allow (un)merging into quantized weights.
+        dequantize: first replace every quantized layer (``deltatune.quant``) by a plain
+            full-precision one (in the dtype it computes in), so that merging is exact: with
+            ``merge=True`` the result holds ``W + ΔW`` unrounded.
 
     Returns:
         ``model``, holding no deltatune modules.
+
+    Raises:
+        MergeError: as ``merge`` / ``unmerge`` (quantized weights without ``allow_lossy`` or
+            ``dequantize``).
     """
+    pending = [n for n in active_adapters(model) if n not in merged_adapters(model)]
+    if dequantize:
+        if merge and pending:
+            _merge_plan(model, pending)  # what cannot merge is refused before anything changes
+        dequantize_bases(model)
     if merge:
-        pending = [n for n in active_adapters(model) if n not in merged_adapters(model)]
         if pending:
-            _merge(model, pending, safe=safe)
+            _merge(model, pending, safe=safe, allow_lossy=allow_lossy)
     elif merged_adapters(model):
-        unmerge(model)
+        unmerge(model, allow_lossy=allow_lossy)
     for path, layer in delta_layers(model).items():
         _unwrap(model, path, layer)
     _sync_sequence(model)
@@ -263,6 +298,33 @@ def unload(model: nn.Module, *, merge: bool = False, safe: bool = True) -> nn.Mo
 
 
 _merge = merge  # `unload`'s keyword argument shadows the function's name
+
+
+def dequantize_bases(model: nn.Module) -> nn.Module:
+    """Replace every quantized layer of ``model`` (wrapped by deltas or not) by its plain
+    full-precision equivalent (``QuantizedWeight.dequantized``), in place; deltas stay attached
+    and merged ones stay merged.
+
+    Returns:
+        ``model``.
+    """
+    from .inject import set_module
+    from .targeting import walk
+
+    dense: dict[int, nn.Module] = {}
+    for name, module in list(walk(model)):
+        if isinstance(module, DeltaLayer):
+            base = module.base_layer
+            if is_quantized(base):
+                module.base_layer = dense.setdefault(id(base), base.dequantized())
+                for delta in module.deltas.values():
+                    delta.bind(module.base_layer)
+                module.refresh()
+        elif is_quantized(module):
+            set_module(model, name, dense.setdefault(id(module), module.dequantized()))
+    if dense:
+        _sync_sequence(model)
+    return model
 
 
 # ------------------------------------------------------------------------------ internals
@@ -354,19 +416,29 @@ def _tied_params(model: nn.Module) -> dict[int, list[str]]:
 
 
 def _params32(layer: DeltaLayer) -> Params:
+    return {key: value.detach().float() if value is not None else None
+            for key, value in base_params(layer.base_layer).items()}
+
+
+def _refuse_lossy(path: str, layer: DeltaLayer, name: str, new: Params, what: str) -> None:
     base = layer.base_layer
-    out: Params = {}
-    for key in ("weight", "bias"):
-        value = getattr(base, key, None)
-        out[key] = value.detach().float() if isinstance(value, Tensor) else None
-    return out
+    if new.get("weight") is not None and is_quantized(base):
+        raise MergeError(
+            f"{path} stores its weight quantized ({base.scheme}); {what} {name!r} would "
+            "re-quantize the result, rounding it (and the delta with it) to the quantization "
+            "grid. Nothing was changed. Pass allow_lossy=True to accept that, keep the delta "
+            "unmerged, or get an exact full-precision merged model with "
+            "deltatune.unload(model, merge=True, dequantize=True)")
 
 
 @torch.no_grad()
-def _fold(path: str, layer: DeltaLayer, names: list[str], *, write: bool, check: bool) -> None:
+def _fold(path: str, layer: DeltaLayer, names: list[str], *, write: bool, check: bool,
+          lossy: bool) -> None:
     params = _params32(layer)
     for name in names:
         new = layer.deltas[name].merged_params(params)
+        if not lossy:
+            _refuse_lossy(path, layer, name, new, "merging")
         if check:
             _check_finite(path, name, new, "merging")
             for key in new:
@@ -387,13 +459,15 @@ def _fold(path: str, layer: DeltaLayer, names: list[str], *, write: bool, check:
 
 
 @torch.no_grad()
-def _unfold(path: str, layer: DeltaLayer, names: list[str], *, write: bool) -> None:
+def _unfold(path: str, layer: DeltaLayer, names: list[str], *, write: bool, lossy: bool) -> None:
     params = _params32(layer)
     for name in reversed(names):
         new = layer.deltas[name].unmerged_params(params)
         created = layer.created.get(name, [])
         for key in created:
             new[key] = None
+        if not lossy:
+            _refuse_lossy(path, layer, name, new, "unmerging")
         _check_finite(path, name, new, "unmerging")
         if write:
             for key in layer.created.pop(name, []):
@@ -416,10 +490,11 @@ def _check_finite(path: str, name: str, new: Params, what: str) -> None:
 @torch.no_grad()
 def _write(layer: DeltaLayer, name: str, new: Params) -> None:
     base = layer.base_layer
-    weight = base.weight
     for key, value in new.items():
         current = getattr(base, key, None)
-        if current is None:
-            setattr(base, key, nn.Parameter(value.to(weight.dtype), requires_grad=False))
+        if key == "weight" and is_quantized(base):
+            base.requantize_weight(value)  # lossy: the caller was given allow_lossy=True
+        elif current is None:
+            setattr(base, key, nn.Parameter(value.to(weight_dtype(base)), requires_grad=False))
         else:
             current.copy_(value)

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from .config import config_from_dict
 from .distributed import architecture, full_tensor, is_main_process
 from .errors import AdapterFileError, AdapterNameError, ConfigError, DeltaError, ShapeMismatchError
+from .geometry import dense_weight
 from .inject import attach, check_name
 from .lifecycle import activate, active_adapters, adapters, delete, delta_layers
 from .targeting import Matcher
@@ -130,7 +131,7 @@ def fingerprint(model: nn.Module, paths: list[str], *, hash_weights: bool = Fals
 def _hash_weights(matcher: Matcher, paths: list[str]) -> str:
     digest = hashlib.sha256()
     for p in paths:
-        weight = matcher.modules[p].weight.detach().to("cpu").contiguous()
+        weight = dense_weight(matcher.modules[p]).detach().to("cpu").contiguous()
         digest.update(p.encode())
         digest.update(weight.view(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
@@ -253,7 +254,7 @@ def _swap_into_place(tmp: Path, final: Path) -> None:
 
 # ---------------------------------------------------------------------------------- load
 def load(model: nn.Module, path: str | os.PathLike, name: str | None = None, *,
-         trainable: bool = False) -> nn.Module:
+         trainable: bool = False, swap: bool = False) -> nn.Module:
     """Load saved deltas into ``model`` (a fresh base or one with other deltas) and activate them.
 
     Args:
@@ -261,6 +262,9 @@ def load(model: nn.Module, path: str | os.PathLike, name: str | None = None, *,
         path: a directory written by ``save``: one delta, or subdirectories of several.
         name: name to give the delta (default: the saved name). Only for a single delta.
         trainable: whether the loaded parameters require grad (default: frozen, for inference).
+        swap: overwrite the tensors of the loaded delta ``name`` in place instead of adding a
+            delta (``core.hotswap.hotswap``, whose errors it raises; ``trainable`` is then
+            ignored: the delta keeps its own).
 
     Returns:
         ``model``.
@@ -272,6 +276,10 @@ def load(model: nn.Module, path: str | os.PathLike, name: str | None = None, *,
         AdapterNameError: the name is taken.
     On any error the model is left as it was.
     """
+    if swap:
+        from .hotswap import hotswap
+
+        return hotswap(model, path, name)
     root = Path(path)
     if (root / CONFIG_FILE).is_file():
         _load_one(model, root, name, trainable)

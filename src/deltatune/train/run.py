@@ -275,7 +275,7 @@ def prepare(c: RunConfig) -> Prepared:
 def get_calibration(config: Any) -> bool:
     from ..core.registry import get_method
 
-    return bool(get_method(config.method).delta_class.calibration)
+    return bool(get_method(config.method).delta_class.calibration_for(config))
 
 
 def _sets(c: RunConfig) -> dict[str, Any]:
