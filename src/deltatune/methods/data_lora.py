@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.errors import ConfigError
-from ..core.geometry import LayerInfo
+from ..core.geometry import LayerInfo, dense_weight
 from ..core.registry import register
 from .lora import LoraConfig, LoraDelta
 from .svd import svd_factors
@@ -181,7 +181,7 @@ class CordaDelta(LoraDelta):
         return _components(info, config.rank, "CorDA (r components of W C)")
 
     def initial_factors(self, base: nn.Module) -> tuple[Tensor, Tensor]:
-        w = self.info.weight_matrix(base.weight.detach()).float()  # (out, in)
+        w = self.info.weight_matrix(dense_weight(base).detach()).float()  # (out, in)
         cov, inv = regularised(self.calibration_stats["input_cov"], self.config.damping,
                                self.path)
         u, s, vh = torch.linalg.svd(w @ cov, full_matrices=False)

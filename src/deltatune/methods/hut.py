@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from ..core.config import DeltaConfig
 from ..core.delta import Delta, Params
 from ..core.errors import ConfigError, MergeError
-from ..core.geometry import LayerInfo
+from ..core.geometry import LayerInfo, dense_weight
 from ..core.registry import register
 
 #: Entries of ``1 + s B A`` closer to zero than this cannot be divided out on unmerge.
@@ -99,7 +99,7 @@ class HUTDelta(Delta):
         if base is None:
             raise MergeError(f"{self.path}: HUT reads its base layer's weight; attach it with "
                              "deltatune.inject or deltatune.load")
-        return self.info.weight_matrix(base.weight)
+        return self.info.weight_matrix(dense_weight(base))
 
     # --------------------------------------------------------------------------- compute
     def _update(self, like: Tensor) -> Tensor:

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from ..core.config import DeltaConfig
 from ..core.delta import Delta, Params
 from ..core.errors import ConfigError
-from ..core.geometry import LayerInfo
+from ..core.geometry import LayerInfo, dense_weight
 from ..core.registry import register
 
 
@@ -117,7 +117,7 @@ class _SVDBasisDelta(Delta):
     @torch.no_grad()
     def reset_parameters(self, base: nn.Module) -> None:
         c = self.config
-        u, s, vh = svd_factors(self.info.weight_matrix(base.weight), c.rank, c.svd_iters)
+        u, s, vh = svd_factors(self.info.weight_matrix(dense_weight(base)), c.rank, c.svd_iters)
         self.U.copy_(self.left_factor(u, s))
         self.Vh.copy_(vh)
         self.reset_core()
