@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from ..core.delta import Params
 from ..core.errors import ConfigError, MergeError
-from ..core.geometry import LayerInfo
+from ..core.geometry import LayerInfo, dense_weight, weight_key
 from ..core.per_sample import Selection, each_delta, per_row, stack_rows
 from ..core.registry import register
 from .lora import LoraConfig, LoraDelta, lora_rows
@@ -63,6 +63,8 @@ class DoraDelta(LoraDelta):
     examples = ({}, {"rank": 3, "alpha": 5, "rslora": True},
                 {"init": "gaussian", "freeze_a": True, "seed": 3, "dropout": 0.1},
                 {"rank": 2, "gate": True})
+    swappable = LoraDelta.swappable  # hot swaps: LoRA's, the norm reading ``factor`` too
+    swap_reads = (*LoraDelta.swap_reads, "_norm", "_row_norm")
 
     def __init__(self, info: LayerInfo, config: DoraConfig, path: str) -> None:
         super().__init__(info, config, path)
@@ -77,7 +79,7 @@ class DoraDelta(LoraDelta):
     @torch.no_grad()
     def reset_parameters(self, base: nn.Module) -> None:
         super().reset_parameters(base)
-        weight = self.info.weight_matrix(base.weight.detach()).float()  # (out, in)
+        weight = self.info.weight_matrix(dense_weight(base).detach()).float()  # (out, in)
         self.magnitude.copy_(weight.norm(dim=1))
 
     # --------------------------------------------------------------------------- compute
@@ -85,20 +87,22 @@ class DoraDelta(LoraDelta):
         """``‖W + s B A‖_r`` in fp32, without forming ``W + s B A`` (``weight``: native)."""
         a, b = (t.detach().float() for t in self.factors())
         w = self.info.weight_matrix(weight.detach()).float()  # (out, in)
-        s = self.scale
+        s = self.factor
         sq = w.pow(2).sum(1) + 2 * s * (b * (w @ a.t())).sum(1) + s * s * ((b @ (a @ a.t())) * b
                                                                             ).sum(1)
         return sq.clamp_min(0).sqrt()  # (out,)
 
-    def _norm(self, base_weight: Tensor) -> Tensor:
-        """The row norm, cached while the weight and the factors are unchanged."""
+    def _norm(self, base: nn.Module) -> Tensor:
+        """The row norm, cached while the base weight and the factors are unchanged (a
+        quantized base weight is dequantized only when the norm is recomputed)."""
+        if torch.compiler.is_compiling():  # a compiled graph keeps no Python cache: recompute
+            return self._row_norm(dense_weight(base))
         a, b = self.factors()
-        key = (base_weight.data_ptr(), base_weight._version, a._version, b._version,
-               a.data_ptr(), b.data_ptr(),
+        key = (weight_key(base), a._version, b._version, a.data_ptr(), b.data_ptr(),
                torch.is_inference_mode_enabled())  # an inference tensor cannot enter autograd
         if self._norm_cache is None or self._norm_cache[0] != key:
             with torch.no_grad():
-                self._norm_cache = (key, self._row_norm(base_weight))
+                self._norm_cache = (key, self._row_norm(dense_weight(base)))
         return self._norm_cache[1]
 
     def _base(self) -> nn.Module:
@@ -111,24 +115,24 @@ class DoraDelta(LoraDelta):
     def effect(self, x: Tensor, y: Tensor) -> Tensor:
         """``(m/n − 1) ⊙ (y − b) + (m/n) ⊙ s B A x``: what DoRA adds to the base output."""
         base = self._base()
-        scale = (self.magnitude.float() / self._norm(base.weight)).to(y.dtype)  # (out,)
+        scale = (self.magnitude.float() / self._norm(base)).to(y.dtype)  # (out,)
         shape = self.info.channel_shape(y.dim())
         bias = getattr(base, "bias", None)
         wx = y if bias is None else y - self.cast(bias, y).view(shape)
         b, h = self._down(x, y)
-        low_rank = self.info.apply_out(h, b) * self.scale
+        low_rank = self.info.apply_out(h, b) * self.factor
         return (scale.view(shape) - 1) * wx + scale.view(shape) * low_rank
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
         """``(m/n) ⊙ (y − b + s B A x) + b``: the low-rank add fused into its GEMM, then one
         rescale, so backward keeps one output-sized tensor (for ``m``'s gradient), not two."""
         base = self._base()
-        scale = (self.magnitude.float() / self._norm(base.weight)).to(y.dtype)  # (out,)
+        scale = (self.magnitude.float() / self._norm(base)).to(y.dtype)  # (out,)
         shape = self.info.channel_shape(y.dim())
         bias = getattr(base, "bias", None)
         wx = y if bias is None else y - self.cast(bias, y).view(shape)
         b, h = self._down(x, y)
-        out = self.info.add_out(wx, h, b, self.scale) * scale.view(shape)
+        out = self.add_scaled(wx, h, b) * scale.view(shape)
         return out if bias is None else out + self.cast(bias, y).view(shape)
 
     # ------------------------------------------------------------------ per-sample batches
@@ -149,7 +153,7 @@ class DoraDelta(LoraDelta):
         base = chosen[0]._base()
 
         def scales() -> Tensor:  # (1+n, out): m / ‖W + sBA‖_r
-            return stack_rows([d.magnitude.float() / d._norm(base.weight) for d in chosen],
+            return stack_rows([d.magnitude.float() / d._norm(base) for d in chosen],
                               1.0, y)
 
         table = sel.cached("dora", scales, like=y,

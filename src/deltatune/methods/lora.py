@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from ..core.config import DeltaConfig
 from ..core.delta import Delta, Params
 from ..core.errors import AdapterFileError, ConfigError
-from ..core.geometry import LayerInfo
+from ..core.geometry import LayerInfo, dense_weight
 from ..core.per_sample import Selection, each_delta, stack_rows
 from ..core.registry import register
 
@@ -122,10 +122,17 @@ class LoraConfig(DeltaConfig):
 
 def _doubled(config: LoraConfig, values: Mapping | None) -> dict:
     """Rank 2r with alpha adjusted so that the scale α/r (or α/√r) stays the same."""
-    if values is not None and "rank" not in values and "alpha" not in values:
+    return _at_rank(config, values, None)
+
+
+def _at_rank(config: LoraConfig, values: Mapping | None, rank: int | None) -> dict:
+    """``rank`` (``None``: twice the rank) and the alpha that keeps the scale α/r (α/√r) of
+    ``config`` with the override ``values`` applied; ``{}`` for an override that changes none
+    of the three."""
+    if values is not None and not {"rank", "alpha", "rslora"} & set(values):
         return {}
     merged = config.replace(overrides=None, **(values or {}))
-    rank = 2 * merged.rank
+    rank = 2 * merged.rank if rank is None else rank
     factor = math.sqrt(rank) if merged.rslora else rank
     return {"rank": rank, "alpha": merged.scale * factor}
 
@@ -140,12 +147,18 @@ class LoraDelta(Delta):
     examples = ({}, {"rank": 3, "alpha": 5, "rslora": True, "bias": True},
                 {"init": "pissa", "rank": 2}, {"init": "gaussian", "freeze_a": True, "seed": 3},
                 {"dropout": 0.1}, {"rank": 2, "gate": True})
+    #: Hot swaps (``core.hotswap``) may change the rank (zero-padded), the scale and dropout.
+    swappable = frozenset({"rank", "alpha", "rslora", "dropout", "init"})
+    swap_reads = ("__init__", "forward", "effect", "factors", "_down", "state_tensors",
+                  "load_state_tensors", "delta_params")
 
     def __init__(self, info: LayerInfo, config: LoraConfig, path: str) -> None:
         super().__init__(info, config, path)
         r = config.rank
         self.scale = config.scale
         self.dropout = config.dropout if info.kind != "embedding" else 0.0
+        #: ``scale`` as a 0-d fp32 tensor once ``prepare_swap`` ran (the forward reads it).
+        self.register_buffer("scaling", None, persistent=False)
         if config.freeze_a:
             self.register_buffer("A", self._seeded_a(), persistent=False)
         else:
@@ -211,7 +224,7 @@ class LoraDelta(Delta):
     def initial_factors(self, base: nn.Module) -> tuple[Tensor, Tensor]:
         """``(A, B)`` ``(r, in)``, ``(out, r)`` of a nonzero start (``config.frozen_copy``),
         whose ``s B A`` the frozen copy cancels at init. LoRA's: PiSSA's top-r part of ``W``."""
-        w = self.info.weight_matrix(base.weight.detach()).float()  # (out, in)
+        w = self.info.weight_matrix(dense_weight(base).detach()).float()  # (out, in)
         r = self.config.rank
         if self.config.pissa_iters is None:
             u, s, vh = torch.linalg.svd(w, full_matrices=False)
@@ -223,6 +236,56 @@ class LoraDelta(Delta):
         root = (s / self.scale).sqrt()
         return root[:, None] * vh, u * root[None, :]  # A: (r, in), B: (out, r)
 
+    # -------------------------------------------------------------------------- hot swap
+    @classmethod
+    def pad_config(cls, config: LoraConfig, rank: int) -> LoraConfig:
+        """``config`` at rank ``rank`` with alpha set to keep every module's scale (overrides
+        included): the same function once ``A`` and ``B`` are padded with zeros."""
+        ranks = {config.rank, *(v["rank"] for v in (config.overrides or {}).values()
+                                if "rank" in v)}
+        if ranks == {rank}:
+            return config
+        if config.frozen_copy:
+            raise ConfigError("a delta whose B A starts from a frozen copy (init='pissa', data "
+                              "inits) cannot be padded; save it and load the saved (plain "
+                              "LoRA) delta, then prepare that one")
+        if config.freeze_a:
+            raise ConfigError("the frozen A of freeze_a=True is regenerated from its seed at "
+                              "its own rank, so it cannot be padded; prepare it at the rank "
+                              "it has (max_rank=None)")
+        overrides = None
+        if config.overrides is not None:
+            overrides = {key: {**per, **_at_rank(config, per, rank)}
+                         for key, per in config.overrides.items()}
+        return config.replace(overrides=overrides, **_at_rank(config, None, rank))
+
+    def prepare_swap(self) -> None:
+        self.scaling = torch.tensor(self.scale, dtype=torch.float32, device=self.B.device)
+
+    def apply_config(self, config: LoraConfig) -> None:
+        super().apply_config(config)
+        self.scale = config.scale
+        self.dropout = config.dropout if self.info.kind != "embedding" else 0.0
+        scaling = self._buffers.get("scaling")  # (subclasses may build without one)
+        if scaling is not None:
+            with torch.no_grad():
+                scaling.fill_(self.scale)
+
+    @property
+    def factor(self) -> Tensor | float:
+        """The scale as the forward applies it: ``scale``, or the ``scaling`` tensor holding
+        it after ``prepare_swap`` (a swap then changes a value, not a compiled constant)."""
+        scaling = self._buffers.get("scaling")
+        return self.scale if scaling is None else scaling
+
+    def add_scaled(self, y: Tensor, h: Tensor, b: Tensor) -> Tensor:
+        """``y + s · apply_out(h, b)``, fused into the GEMM (``s`` on ``h``, ``(…, r)``, when
+        it is a tensor)."""
+        scaling = self._buffers.get("scaling")
+        if scaling is None:
+            return self.info.add_out(y, h, b, self.scale)
+        return self.info.add_out(y, h * scaling.to(h.dtype), b, 1.0)
+
     # --------------------------------------------------------------------------- compute
     def factors(self) -> tuple[Tensor, Tensor]:
         """``(A, B)`` of the whole update; rank 2r ``[A; A₀]``, ``[B, −B₀]`` with a frozen
@@ -233,14 +296,14 @@ class LoraDelta(Delta):
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
         b, h = self._down(x, y)
-        y = self.info.add_out(y, h, b, self.scale)
+        y = self.add_scaled(y, h, b)
         if self.bias is not None:
             y = y + self.cast(self.bias, y).view(self.info.channel_shape(y.dim()))
         return y
 
     def effect(self, x: Tensor, y: Tensor) -> Tensor:
         b, h = self._down(x, y)
-        e = self.info.apply_out(h, b) * self.scale
+        e = self.info.apply_out(h, b) * self.factor
         if self.bias is not None:
             e = e + self.cast(self.bias, y).view(self.info.channel_shape(y.dim()))
         return e
@@ -248,7 +311,7 @@ class LoraDelta(Delta):
     def _down(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """``B`` in the activation dtype and ``h = A x`` (dropout on ``x`` in training)."""
         a, b = self.factors()
-        if self.dropout and self.training:
+        if self.training and self.dropout:  # in eval, a compiled graph never reads dropout
             x = F.dropout(x, self.dropout, training=True)
         return self.cast(b, y), self.info.apply_in(x, self.cast(a, y))  # h: (..., r)
 
