@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 
 # Load (and so register) every method first: importing the `methods` subpackage binds the name
 # `methods` in this namespace, and the function `methods()` imported below must win.
-from . import decoding, merging, recipes
+from . import decoding, merging, optim, quant, recipes
 from . import methods as _methods_package  # noqa: F401
 from .core.accounting import Cost, Summary, cost, summary
 from .core.config import DeltaConfig, config_from_dict
@@ -27,6 +27,7 @@ from .core.errors import (
     StateError,
     TargetError,
 )
+from .core.hotswap import hotswap, hotswap_tensors, prepare_hotswap
 from .core.inject import inject
 from .core.lifecycle import (
     activate,
@@ -53,17 +54,23 @@ from .methods import (
     DoraConfig,
     DyLoraConfig,
     DynamicRankConfig,
+    FullConfig,
+    HftConfig,
     HUTConfig,
     IA3Config,
     IncreLoraConfig,
     IntrinsicConfig,
+    LisaConfig,
     LNTuningConfig,
     LoraConfig,
     LoraGAConfig,
     LoraSBConfig,
     LoraXSConfig,
+    LSTConfig,
     PrefixConfig,
     PromptConfig,
+    QSTConfig,
+    SparseConfig,
     SSFConfig,
     SVFitConfig,
     VeraConfig,
@@ -71,6 +78,8 @@ from .methods import (
     parallel_adapter,
     pfeiffer,
 )
+from .optim import GaLore
+from .train.checkpointing import enable_gradient_checkpointing
 
 __all__ = [
     "AdaLoraConfig",
@@ -88,11 +97,16 @@ __all__ = [
     "DoraConfig",
     "DyLoraConfig",
     "DynamicRankConfig",
+    "FullConfig",
+    "GaLore",
     "HUTConfig",
+    "HftConfig",
     "IA3Config",
     "IncreLoraConfig",
     "IntrinsicConfig",
     "LNTuningConfig",
+    "LSTConfig",
+    "LisaConfig",
     "LoraConfig",
     "LoraGAConfig",
     "LoraSBConfig",
@@ -100,11 +114,13 @@ __all__ = [
     "MergeError",
     "PrefixConfig",
     "PromptConfig",
+    "QSTConfig",
     "SSFConfig",
     "SVFitConfig",
     "Schedule",
     "Scheduler",
     "ShapeMismatchError",
+    "SparseConfig",
     "StateError",
     "StructureMap",
     "Summary",
@@ -119,8 +135,11 @@ __all__ = [
     "decoding",
     "delete",
     "disabled",
+    "enable_gradient_checkpointing",
     "generate",
     "get_method",
+    "hotswap",
+    "hotswap_tensors",
     "houlsby",
     "inject",
     "load",
@@ -128,9 +147,12 @@ __all__ = [
     "merged_adapters",
     "merging",
     "methods",
+    "optim",
     "parallel_adapter",
     "per_sample",
     "pfeiffer",
+    "prepare_hotswap",
+    "quant",
     "recipes",
     "register",
     "register_structure",

@@ -18,11 +18,14 @@ from .hut import HUTConfig
 from .ia3 import IA3Config
 from .increlora import IncreLoraConfig
 from .intrinsic import IntrinsicConfig
+from .layerwise import FullConfig, HftConfig, LisaConfig
 from .lora import LoraConfig, LoraDelta
 from .lora_sb import LoraSBConfig
 from .prefix import PrefixConfig
 from .prompt import PromptConfig
 from .selective import BitFitConfig, LNTuningConfig
+from .side import LSTConfig, QSTConfig
+from .sparse import SparseConfig
 from .ssf import SSFConfig
 from .svd import LoraXSConfig, SVFitConfig
 from .vera import VeraConfig
@@ -31,7 +34,8 @@ for _info in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_info.name}")
 
 __all__ = ["AdaLoraConfig", "AdapterConfig", "BitFitConfig", "CompacterConfig", "CordaConfig",
-           "DoraConfig", "DyLoraConfig", "DynamicRankConfig", "HUTConfig", "IA3Config",
-           "IncreLoraConfig", "IntrinsicConfig", "LNTuningConfig", "LoraConfig", "LoraDelta",
-           "LoraGAConfig", "LoraSBConfig", "LoraXSConfig", "PrefixConfig", "PromptConfig",
-           "SSFConfig", "SVFitConfig", "VeraConfig", "houlsby", "parallel_adapter", "pfeiffer"]
+           "DoraConfig", "DyLoraConfig", "DynamicRankConfig", "FullConfig", "HUTConfig",
+           "HftConfig", "IA3Config", "IncreLoraConfig", "IntrinsicConfig", "LNTuningConfig",
+           "LSTConfig", "LisaConfig", "LoraConfig", "LoraDelta", "LoraGAConfig", "LoraSBConfig",
+           "LoraXSConfig", "PrefixConfig", "PromptConfig", "QSTConfig", "SSFConfig", "SVFitConfig",
+           "SparseConfig", "VeraConfig", "houlsby", "parallel_adapter", "pfeiffer"]
