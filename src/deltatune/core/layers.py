@@ -46,6 +46,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -255,6 +257,7 @@ class DeltaLayer(nn.Module):
         if not self._weight_plan:
             return self.base_layer(x, *args, **kwargs)
         base = self.base_layer
+        lean = _lean_linear(base, x, args, kwargs)
         new: dict[str, Tensor] = {}
         for delta, weight in self._weight_plan:
             for key, value in delta.delta_params().items():
@@ -262,11 +265,19 @@ class DeltaLayer(nn.Module):
                     continue
                 if weight != 1.0:
                     value = weight * value
+                if lean and key == "weight":  # the sum is formed inside _LinearWithDelta
+                    current = new.get(key)
+                    value = value.to(base.weight.dtype)
+                    new[key] = value if current is None else current + value
+                    continue
                 current = new[key] if key in new else read_param(base, key)  # dequantized
                 if isinstance(current, Tensor):
                     new[key] = current + value.to(current.dtype)
                 else:
                     new[key] = value.to(x.dtype if x.is_floating_point() else value.dtype)
+        if lean and "weight" in new:
+            bias = new.get("bias", base.bias)
+            return _LinearWithDelta.apply(x, base.weight, new["weight"], bias)
         return functional_call(base, new, (x, *args), kwargs, strict=False)
 
     def _tap_input(self, delta: Delta) -> Tensor:
@@ -293,6 +304,40 @@ class DeltaLayer(nn.Module):
         if self.combine != "sum":
             merged += f", combine={self.combine}"
         return f"active={list(self.active)}{merged}"
+
+
+def _lean_linear(base: nn.Module, x: Tensor, args: tuple, kwargs: dict) -> bool:
+    """Whether a weight-form delta on ``base`` runs through ``_LinearWithDelta``: a plain
+    ``nn.Linear`` called with one input while autograd records (outside autocast)."""
+    return (type(base) is nn.Linear and not args and not kwargs and torch.is_grad_enabled()
+            and x.is_floating_point() and not torch.is_autocast_enabled(x.device.type))
+
+
+class _LinearWithDelta(torch.autograd.Function):
+    """``F.linear(x, W + Δ, b)`` that keeps ``x``, ``W`` and ``Δ`` for backward instead of the
+    summed weight and recomputes ``W + Δ`` there (an elementwise add): a weight-form delta on a
+    Linear layer (a full ``ΔW``, a scattered sparse one) then keeps no extra weight-sized copy
+    in activation memory per layer. Gradients are those of the plain composition."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, delta: Tensor, bias: Tensor | None
+                ) -> Tensor:
+        ctx.save_for_backward(x, weight, delta)
+        return F.linear(x, weight + delta, bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, delta = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        grad_x = grad_w = grad_b = None
+        if needs[0]:
+            grad_x = grad @ (weight + delta)  # (..., in)
+        if needs[1] or needs[2]:
+            flat = grad.reshape(-1, grad.shape[-1])  # (N, out)
+            grad_w = flat.t() @ x.reshape(-1, x.shape[-1])  # (out, in)
+        if needs[3]:
+            grad_b = grad.reshape(-1, grad.shape[-1]).sum(0)
+        return grad_x, grad_w if needs[1] else None, grad_w if needs[2] else None, grad_b
 
 
 def _first_input(args: tuple, kwargs: dict) -> Tensor | None:
