@@ -1,0 +1,320 @@
+#!/usr/bin/env python
+"""Quality on real data: every method against full fine-tuning and against HF peft.
+
+Base model: ``shared/models/deltatune-tiny-llama`` (12.6M parameters). Tasks (``shared/data``):
+
+* ``shakespeare``: domain adaptation of the language model to Tiny Shakespeare (first 90% of
+  the characters train, last 10% test): test perplexity;
+* ``sst2`` (sentence level, 6,920 / 1,821), ``agnews`` (train on the 10,001-row dev slice,
+  test on the 7,600-row test set), ``rte`` (2,490 / 277): accuracy; ``cola`` (8,551 / 516, the
+  out-of-domain dev set): Matthews correlation.
+
+Rows: full fine-tuning, a trained head only, training from scratch, every registered deltatune
+method (the ones the issue names with chosen settings, the others with their defaults), and
+HF peft's version of LoRA (q,v and all-linear), DoRA, AdaLoRA, VeRA, IA3, LN tuning, prefix and
+prompt tuning, trained by the same loop on the same data, seeds and learning-rate grid.
+
+Protocol per (method, task) cell (``_quality/cells.py``): a 3-point learning-rate sweep of
+short runs scored on a validation split carved out of train, then 3 seeds at the best rate,
+each scored on the full test set. Training: AdamW, 6% warm-up then linear decay, clipping at 1,
+bf16 autocast with fp32 weights (CPU), batches of similar length. Classification reads the last
+token (HF ``LlamaForSequenceClassification``); its new head is trained with every method and
+counted apart ("params (excl. head)").
+
+Everything is written as it finishes (``results/quality/runs``, ``cells``); running the
+command again resumes and skips finished work. The report: ``quality.md``, ``quality.json``,
+``quality.png`` in the output directory.
+
+    python benchmarks/quality.py                      # the full table (about an hour, 2 cores)
+    python benchmarks/quality.py --estimate           # the plan and the time estimate only
+    python benchmarks/quality.py --quick              # a few-minute smoke run
+    python benchmarks/quality.py --tasks sst2,rte --methods full,lora-qv,peft:lora-qv
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+import warnings
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _quality import cells as cells_mod
+from _quality import methods as methods_mod
+from _quality import plan as plan_mod
+from _quality import report as report_mod
+from _quality.tasks import TaskSpec
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+OUT = Path(__file__).resolve().parent / "results" / "quality"
+
+TASKS = [
+    TaskSpec("shakespeare", "causal-lm", "tinyshakespeare/input.txt", "tinyshakespeare/input.txt",
+             "perplexity", max_length=128, steps=60, batch_size=4, val_size=32,
+             description="Tiny Shakespeare, test perplexity (blocks of 128 tokens)"),
+    TaskSpec("sst2", "classification", "sst2_sentence/train.tsv", "sst2_sentence/test.tsv",
+             "accuracy", max_length=64, steps=80, val_size=400,
+             description="SST-2 sentences, test accuracy"),
+    TaskSpec("agnews", "classification", "agnews/dev.tsv", "agnews/test.tsv", "accuracy",
+             max_length=32, steps=60, val_size=400,
+             description="AG News (train: 10,001-row slice, first 32 tokens), test accuracy"),
+    TaskSpec("rte", "classification", "rte/train.tsv", "rte/dev.tsv", "accuracy",
+             max_length=128, steps=40, batch_size=8, val_size=250, pair=True,
+             description="RTE, accuracy on the 277 labelled dev pairs"),
+    TaskSpec("cola", "classification", "cola/train.tsv", "cola/dev.tsv", "mcc", max_length=48,
+             steps=80, val_size=400, description="CoLA, Matthews correlation (516 dev)"),
+]
+#: tasks on which the peft twins run, and the registered methods the issue does not name (the
+#: cheaper tasks: AG News' 7,600-example test set and RTE's long pairs cost the most)
+PEFT_TASKS = ("shakespeare", "sst2", "cola")
+EXTRA_TASKS = ("sst2",)
+QUICK_METHODS = ("base", "full", "head", "lora-qv", "ia3", "peft:lora-qv")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=str(SHARED / "models" / "deltatune-tiny-llama"))
+    ap.add_argument("--data-dir", default=str(SHARED / "data"))
+    ap.add_argument("--out", default=None, help=f"output directory (default {OUT}, "
+                    "or OUT/quick with --quick)")
+    ap.add_argument("--tasks", default=None, help="comma-separated task names")
+    ap.add_argument("--methods", default=None,
+                    help="comma-separated row labels, or groups: baselines, named, extra, peft")
+    ap.add_argument("--peft-tasks", default=",".join(PEFT_TASKS),
+                    help="tasks that get the peft twins ('all' for every task)")
+    ap.add_argument("--extra-tasks", default=",".join(EXTRA_TASKS),
+                    help="tasks that get the registered methods the issue does not name "
+                    "('all' for every task)")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--steps-scale", type=float, default=1.0,
+                    help="multiply every task's step count (e.g. 2 for longer runs)")
+    ap.add_argument("--sweep-fraction", type=float, default=1 / 3,
+                    help="length of a sweep run, as a fraction of a final run")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="parallel worker processes (default: the CPU count, at most 2; 0: run "
+                    "in this process)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    ap.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
+    ap.add_argument("--max-train", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--max-test", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run: few methods, short runs, 300 test examples, 2 seeds")
+    ap.add_argument("--estimate", action="store_true", help="print the plan and exit")
+    ap.add_argument("--report-only", action="store_true",
+                    help="rewrite the report from the finished cells")
+    ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--no-progress", action="store_true")
+    return ap.parse_args(argv)
+
+
+def select_methods(arg: str | None) -> list[methods_mod.MethodSpec]:
+    every = methods_mod.all_methods()
+    if not arg:
+        return every
+    groups = {"baselines": [m for m in every if m.kind in ("base", "full", "head", "scratch")],
+              "named": [m for m in every if m.kind == "delta" and not m.extra],
+              "extra": [m for m in every if m.extra],
+              "peft": [m for m in every if m.kind == "peft"]}
+    by_label = {m.label: m for m in every}
+    chosen: list[methods_mod.MethodSpec] = []
+    for name in (s.strip() for s in arg.split(",") if s.strip()):
+        found = groups.get(name) or ([by_label[name]] if name in by_label else None)
+        if found is None:
+            raise SystemExit(f"unknown method or group {name!r}; rows: {sorted(by_label)}; "
+                             f"groups: {sorted(groups)}")
+        chosen += [m for m in found if m not in chosen]
+    return chosen
+
+
+def select_tasks(args: argparse.Namespace) -> list[TaskSpec]:
+    tasks = TASKS
+    if args.tasks:
+        names = [s.strip() for s in args.tasks.split(",") if s.strip()]
+        unknown = sorted(set(names) - {t.name for t in TASKS})
+        if unknown:
+            raise SystemExit(f"unknown tasks {unknown}; tasks: {[t.name for t in TASKS]}")
+        tasks = [t for t in TASKS if t.name in names]
+    scale = args.steps_scale * (0.4 if args.quick else 1.0)
+    return [dataclasses.replace(t, steps=max(4, round(t.steps * scale))) for t in tasks]
+
+
+def _names(arg: str) -> set[str]:
+    if arg == "all":
+        return {t.name for t in TASKS}
+    return {s.strip() for s in arg.split(",") if s.strip()}
+
+
+def _worker_init(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _cell_job(spec: TaskSpec, method_label: str, protocol: cells_mod.Protocol) -> dict[str, Any]:
+    method = next(m for m in methods_mod.all_methods() if m.label == method_label)
+    return cells_mod.run_cell(spec, method, protocol)
+
+
+def _is_done(p: cells_mod.Protocol, spec: TaskSpec, method: methods_mod.MethodSpec) -> bool:
+    path = cells_mod.cell_path(p, spec, method)
+    if not path.is_file():
+        return False
+    record = json.loads(path.read_text())
+    seeds = 1 if method.kind == "base" else p.seeds
+    return record.get("steps") == spec.steps and len(record.get("runs", [])) >= seeds \
+        if record.get("status") != "failed" else record.get("steps") == spec.steps
+
+
+def environment() -> dict[str, Any]:
+    import peft
+    import torch
+    import transformers
+
+    import deltatune
+
+    return {"date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__,
+            "deltatune": deltatune.__version__, "cpu": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "load_average_at_start": os.getloadavg()}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    _worker_init(args.threads)
+    out = Path(args.out) if args.out else (OUT / "quick" if args.quick else OUT)
+    out.mkdir(parents=True, exist_ok=True)
+    tasks = select_tasks(args)
+    methods = select_methods(args.methods or (",".join(QUICK_METHODS) if args.quick else None))
+    seeds = min(args.seeds, 2) if args.quick else args.seeds
+    protocol = cells_mod.Protocol(
+        model=args.model, data_dir=args.data_dir, out=str(out), seeds=seeds,
+        sweep_fraction=args.sweep_fraction, precision=args.precision, threads=args.threads,
+        max_train=args.max_train, max_test=args.max_test if args.max_test is not None
+        else (300 if args.quick else None))
+    peft_tasks, extra_tasks = _names(args.peft_tasks), _names(args.extra_tasks)
+    cells = [(t.name, m) for t in tasks for m in methods
+             if (m.kind != "peft" or t.name in peft_tasks)
+             and (m.kind != "base" or t.kind == "causal-lm")
+             and (not m.extra or t.name in extra_tasks)]
+    workers = max(1, min(2, os.cpu_count() or 1)) if args.workers is None else args.workers
+    task_list = [(t.name, t.metric) for t in tasks]
+    labels = [m.label for m in methods]
+    header = (f"model `{Path(args.model).name}`; {seeds} seeds; LR chosen per cell on a "
+              f"validation split carved out of train (sweep runs {args.sweep_fraction:.2g}× the "
+              f"final length); steps: " + ", ".join(f"{t.name} {t.steps}×{t.batch_size}"
+                                                    for t in tasks)
+              + f"; {args.precision} autocast on CPU; mean ± std over seeds; metric on the full "
+              "test set (accuracy in %, CoLA: Matthews corr., Shakespeare: perplexity ↓); params"
+              " exclude the new classification head (384 × classes), the same for every row.")
+    meta = {"header": header, "labels": labels, "tasks": [dataclasses.asdict(t) for t in tasks],
+            "protocol": dataclasses.asdict(protocol), "peft_tasks": sorted(peft_tasks),
+            "extra_tasks": sorted(extra_tasks)}
+    if args.report_only:  # keep what the run recorded (environment, estimate)
+        previous = out / "quality.json"
+        if previous.is_file():
+            old = json.loads(previous.read_text())
+            meta = {**{k: v for k, v in old.items() if k != "summaries"}, **meta}
+        return report_mod.write_report(out, task_list, meta, with_plot=not args.no_plot)
+
+    print(f"loading {len(tasks)} tasks and measuring the cost model …", flush=True)
+    specs = {t.name: t for t in tasks}
+    data = {t.name: (t, cells_mod.task_data(t, protocol.model, protocol.data_dir,
+                                            protocol.max_train, protocol.max_test))
+            for t in tasks}
+    costs = plan_mod.measure(args.model, protocol)
+    text, estimate = plan_mod.describe(data, cells, protocol, costs, workers)
+    print(text, flush=True)
+    todo = [(name, m) for name, m in cells if not _is_done(protocol, specs[name], m)]
+    cost_of = {(name, m.label): plan_mod.cell_cost(specs[name], data[name][1], m, protocol,
+                                                   costs)["total"] for name, m in todo}
+    remaining = sum(cost_of.values())
+    print(f"{len(cells) - len(todo)} of {len(cells)} cells already done; "
+          f"{len(todo)} to run (≈ {plan_mod.pack(list(cost_of.values()), workers) / 60:.1f} min "
+          f"on {workers} workers)", flush=True)
+    meta.update(environment=environment(), estimate=estimate,
+                cost_model=dataclasses.asdict(costs), workers=workers)
+    if args.estimate:
+        return meta
+    started = time.perf_counter()
+    # the issue's rows first (longest first within each group), then the other methods
+    todo.sort(key=lambda c: (c[1].extra, -cost_of[(c[0], c[1].label)]))
+    _run_pool(todo, specs, protocol, workers, cost_of, remaining, not args.no_progress,
+              lambda: report_mod.write_report(out, task_list, meta, with_plot=False))
+    wall = time.perf_counter() - started
+    meta["wall_seconds_this_invocation"] = wall
+    meta["load_average_at_end"] = os.getloadavg()
+    history = out / "invocations.jsonl"
+    with history.open("a") as f:
+        f.write(json.dumps({"date": meta["environment"]["date"], "wall_s": wall,
+                            "cells_run": len(todo), "estimate_wall_s": estimate["wall_s"],
+                            "load_start": meta["environment"]["load_average_at_start"],
+                            "load_end": meta["load_average_at_end"],
+                            "argv": sys.argv[1:] if argv is None else argv}) + "\n")
+    record = report_mod.write_report(out, task_list, meta, with_plot=not args.no_plot)
+    print(f"done in {wall / 60:.1f} min; report: {out / 'quality.md'}", flush=True)
+    return record
+
+
+def _run_pool(todo: list[tuple[str, methods_mod.MethodSpec]], specs: dict[str, TaskSpec],
+              protocol: cells_mod.Protocol, workers: int, cost_of: dict[tuple[str, str], float],
+              remaining: float, progress: bool, report: Any) -> None:
+    import multiprocessing as mp
+
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - optional
+        tqdm = None
+    bar = tqdm(total=round(remaining), unit="est-s", disable=not progress or tqdm is None,
+               smoothing=0.05, dynamic_ncols=True) if tqdm else None
+    def finished(name: str, label: str, get: Any) -> None:
+        try:
+            record = get()
+            status, extra = record.get("status"), record.get("error") or ""
+        except Exception as exc:  # a worker died: say so and go on
+            status, extra = "crashed", f"{type(exc).__name__}: {exc}"
+        line = f"{name:<12} {label:<16} {status}" + (f" ({extra[:100]})" if extra else "")
+        if bar is not None:
+            bar.update(round(cost_of[(name, label)]))
+            bar.write(line)
+        else:
+            print(line, flush=True)
+        report()
+
+    if workers == 0:  # in this process, one cell after the other
+        for name, m in todo:
+            finished(name, m.label, lambda n=name, m=m: cells_mod.run_cell(specs[n], m, protocol))
+    else:
+        ctx = mp.get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
+                                 initargs=(protocol.threads,)) as pool:
+            pending = {pool.submit(_cell_job, specs[name], m.label, protocol): (name, m.label)
+                       for name, m in todo}
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    name, label = pending.pop(fut)
+                    finished(name, label, fut.result)
+    if bar is not None:
+        bar.close()
+
+
+if __name__ == "__main__":
+    main()

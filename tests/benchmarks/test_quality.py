@@ -1,0 +1,156 @@
+"""End to end test of ``benchmarks/quality.py`` on a tiny slice: a tiny Llama built from a
+``LlamaConfig`` (with a word-level tokenizer made here), a few dozen rows in the layout of
+``shared/data``, two methods plus a peft twin, one seed. Checks the report's structure, that
+every figure comes from the run (the metric on the test rows, the learning rate chosen on the
+validation split), that a method that cannot run becomes a row saying why, and that running
+again resumes instead of recomputing."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import random
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "quality.py"
+WORDS = ["good", "great", "fine", "bad", "awful", "poor", "the", "a", "movie", "film", "plot",
+         "story", "is", "was", "very", "not", "king", "lord", "thou", "art", "sir", "news",
+         "market", "game", "team", "city"]
+
+
+@pytest.fixture(scope="module")
+def quality() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("quality_under_test", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _sentence(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+def _write_data(root: Path) -> None:
+    rng = random.Random(0)
+    (root / "sst2_sentence").mkdir(parents=True)
+    for split, n in (("train", 48), ("test", 20)):
+        rows = []
+        for _ in range(n):
+            label = rng.randint(0, 1)
+            word = "good" if label else "bad"
+            rows.append(f"{label}\t{word} {_sentence(rng, rng.randint(2, 8))}")
+        (root / "sst2_sentence" / f"{split}.tsv").write_text("\n".join(rows) + "\n")
+    (root / "tinyshakespeare").mkdir()
+    lines = [_sentence(rng, rng.randint(3, 9)) for _ in range(400)]
+    (root / "tinyshakespeare" / "input.txt").write_text("\n".join(lines) + "\n")
+
+
+def _write_model(root: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {"<eos>": 0, "<pad>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>", pad_token="<pad>",
+                                  unk_token="<unk>", bos_token="<eos>")
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=48,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=128, pad_token_id=1, eos_token_id=0,
+                         bos_token_id=0, tie_word_embeddings=True)
+    import torch
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(root)
+    tok.save_pretrained(root)
+
+
+@pytest.fixture()
+def setup(tmp_path: Path, quality: ModuleType, monkeypatch: pytest.MonkeyPatch):
+    _write_data(tmp_path / "data")
+    _write_model(tmp_path / "model")
+    tiny = [dataclasses.replace(t, steps=6, val_size=8 if t.kind == "classification" else 4,
+                                max_length=16 if t.kind == "causal-lm" else t.max_length)
+            for t in quality.TASKS if t.name in ("sst2", "shakespeare")]
+    monkeypatch.setattr(quality, "TASKS", tiny)
+    methods = quality.methods_mod
+    broken = methods.MethodSpec("broken", "delta", "lora", {"targets": ["no_such_module"]})
+    monkeypatch.setattr(methods, "NAMED", [*methods.NAMED, broken])
+    args = ["--model", str(tmp_path / "model"), "--data-dir", str(tmp_path / "data"),
+            "--out", str(tmp_path / "out"), "--tasks", "sst2,shakespeare",
+            "--methods", "base,head,lora-qv,peft:lora-qv,broken", "--seeds", "1",
+            "--workers", "0", "--no-progress", "--peft-tasks", "sst2"]
+    return tmp_path / "out", args
+
+
+def test_pipeline_end_to_end_and_resume(setup, quality):
+    out, args = setup
+    record = quality.main(args)
+    rows = {(s["task"], s["label"]): s for s in record["summaries"]}
+    assert set(rows) == {("sst2", "head"), ("sst2", "lora-qv"), ("sst2", "peft:lora-qv"),
+                         ("sst2", "broken"), ("shakespeare", "head"),
+                         ("shakespeare", "lora-qv"), ("shakespeare", "broken"),
+                         ("shakespeare", "base")}  # the untrained base: causal-LM tasks only
+    # a method that cannot run is a row that says why
+    for task in ("sst2", "shakespeare"):
+        assert rows[(task, "broken")]["status"] == "failed"
+        assert "no_such_module" in rows[(task, "broken")]["error"]
+    # the untrained base: one evaluation on the test blocks, nothing trained; training moves
+    # the perplexity away from it
+    base = rows[("shakespeare", "base")]
+    base_cell = json.loads((out / "cells" / "shakespeare__base.json").read_text())
+    (base_run,) = base_cell["runs"]
+    assert base["status"] == "ok" and base_cell["sweep"] == [] and base_run["steps"] == 0
+    assert base_run["trainable"] == 0 and base_run["split"] == "test"
+    assert math.isclose(base["mean"], math.exp(base_run["metrics"]["loss"]), rel_tol=1e-9)
+    assert base["mean"] != rows[("shakespeare", "lora-qv")]["mean"]
+    for (task, label), s in rows.items():
+        if label in ("broken", "base"):
+            continue
+        assert s["status"] == "ok", s
+        cell = json.loads((out / "cells" / f"{task}__{label.replace(':', '_')}.json").read_text())
+        # the learning rate is the best one on the validation split
+        scored = [x for x in cell["sweep"] if x["val"] is not None]
+        assert len(cell["sweep"]) == 3 and scored
+        pick = max if s["metric"] == "accuracy" else min
+        assert cell["best_lr"] == pick(scored, key=lambda x: x["val"])["lr"]
+        (run,) = cell["runs"]
+        assert run["split"] == "test" and run["lr"] == cell["best_lr"] and run["steps"] == 6
+        metrics = run["metrics"]
+        assert s["mean"] == metrics[s["metric"]] and s["std"] == 0.0
+        if task == "sst2":  # an accuracy over the 20 test rows
+            assert abs(20 * metrics["accuracy"] - round(20 * metrics["accuracy"])) < 1e-9
+        else:
+            assert math.isclose(metrics["perplexity"], math.exp(metrics["loss"]), rel_tol=1e-9)
+        assert run["seconds_per_step"] > 0 and s["trainable"] > 0
+    # parameter counts: the classification head is counted apart, the same for every row
+    assert rows[("sst2", "lora-qv")]["head_params"] == 2 * 32
+    assert rows[("sst2", "lora-qv")]["delta_params"] == rows[("sst2", "peft:lora-qv")][
+        "delta_params"] > 0
+    assert rows[("sst2", "head")]["trainable"] == 2 * 32
+    text = (out / "quality.md").read_text()
+    assert "| lora-qv |" in text and "deltatune against HF peft" in text
+    assert (out / "quality.png").stat().st_size > 0
+    # running again resumes: nothing is recomputed, the figures are unchanged
+    again = quality.main(args)
+    assert json.loads((out / "invocations.jsonl").read_text().splitlines()[-1])[
+        "cells_run"] == 0
+    assert [s.get("mean") for s in again["summaries"]] == [
+        s.get("mean") for s in record["summaries"]]
+
+
+def test_unknown_method_or_task_is_a_clear_error(quality):
+    with pytest.raises(SystemExit, match="unknown method"):
+        quality.select_methods("lora-qv,nope")
+    with pytest.raises(SystemExit, match="unknown tasks"):
+        quality.main(["--tasks", "nope", "--estimate"])
