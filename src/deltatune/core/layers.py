@@ -43,7 +43,8 @@ operations) so that per-sample plans built before one are rebuilt. Outside such 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import functools
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -259,25 +260,28 @@ class DeltaLayer(nn.Module):
         base = self.base_layer
         lean = _lean_linear(base, x, args, kwargs)
         new: dict[str, Tensor] = {}
+        summed: Tensor | None = None  # lean: Σ weight · Δ, detached (recomputed in backward)
         for delta, weight in self._weight_plan:
             for key, value in delta.delta_params().items():
                 if value is None:
                     continue
                 if weight != 1.0:
                     value = weight * value
-                if lean and key == "weight":  # the sum is formed inside _LinearWithDelta
-                    current = new.get(key)
-                    value = value.to(base.weight.dtype)
-                    new[key] = value if current is None else current + value
+                if lean and key == "weight":
+                    value = value.detach().to(base.weight.dtype)
+                    summed = value if summed is None else summed + value
                     continue
                 current = new[key] if key in new else read_param(base, key)  # dequantized
                 if isinstance(current, Tensor):
                     new[key] = current + value.to(current.dtype)
                 else:
                     new[key] = value.to(x.dtype if x.is_floating_point() else value.dtype)
-        if lean and "weight" in new:
-            bias = new.get("bias", base.bias)
-            return _LinearWithDelta.apply(x, base.weight, new["weight"], bias)
+        if summed is not None:
+            plan = self._weight_plan
+            leaves = [p for delta, _ in plan for p in delta.parameters() if p.requires_grad]
+            return _LinearWithDelta.apply(
+                x, base.weight, summed, new.get("bias", base.bias),
+                functools.partial(_weight_sum, plan, base.weight.dtype), *leaves)
         return functional_call(base, new, (x, *args), kwargs, strict=False)
 
     def _tap_input(self, delta: Delta) -> Tensor:
@@ -313,31 +317,60 @@ def _lean_linear(base: nn.Module, x: Tensor, args: tuple, kwargs: dict) -> bool:
             and x.is_floating_point() and not torch.is_autocast_enabled(x.device.type))
 
 
+def _weight_sum(plan: Sequence[tuple[Delta, float]], dtype: torch.dtype) -> Tensor:
+    """``Σ weight · Δ_W`` of the weight-form deltas in ``plan``, in the base weight's dtype."""
+    total: Tensor | None = None
+    for delta, weight in plan:
+        value = delta.delta_params().get("weight")
+        if value is None:
+            continue
+        value = (value if weight == 1.0 else weight * value).to(dtype)
+        total = value if total is None else total + value
+    assert total is not None  # the caller saw a weight entry
+    return total
+
+
 class _LinearWithDelta(torch.autograd.Function):
-    """``F.linear(x, W + Δ, b)`` that keeps ``x``, ``W`` and ``Δ`` for backward instead of the
-    summed weight and recomputes ``W + Δ`` there (an elementwise add): a weight-form delta on a
-    Linear layer (a full ``ΔW``, a scattered sparse one) then keeps no extra weight-sized copy
-    in activation memory per layer. Gradients are those of the plain composition."""
+    """``F.linear(x, W + Δ, b)`` whose backward keeps ``x`` and ``W`` only: ``Δ`` is recomputed
+    there from the deltas' own parameters (``make``; a leaf ``ΔW`` as it is, a sparse delta's
+    scatter of its values) and so is ``W + Δ`` (an elementwise add). A weight-form delta on a
+    Linear layer (a full ``ΔW``, a scattered sparse one) then keeps no weight-sized tensor in
+    activation memory per layer. Gradients are those of the plain composition; the deltas'
+    parameters (``leaves``) get theirs by back-propagating ``∂L/∂Δ`` through the recomputed
+    ``Δ``."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor, delta: Tensor, bias: Tensor | None
-                ) -> Tensor:
-        ctx.save_for_backward(x, weight, delta)
+    def forward(ctx: Any, x: Tensor, weight: Tensor, delta: Tensor, bias: Tensor | None,
+                make: Callable[[], Tensor], *leaves: Tensor) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.make, ctx.leaves = make, leaves
         return F.linear(x, weight + delta, bias)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        x, weight, delta = ctx.saved_tensors
+        x, weight = ctx.saved_tensors
         needs = ctx.needs_input_grad
+        train_leaves = any(needs[5:])
+        with torch.enable_grad() if train_leaves else torch.no_grad():
+            delta = ctx.make()
         grad_x = grad_w = grad_b = None
         if needs[0]:
-            grad_x = grad @ (weight + delta)  # (..., in)
-        if needs[1] or needs[2]:
-            flat = grad.reshape(-1, grad.shape[-1])  # (N, out)
+            grad_x = grad @ (weight + delta.detach())  # (..., in)
+        flat = grad.reshape(-1, grad.shape[-1])  # (N, out)
+        if needs[1] or needs[2] or train_leaves:
             grad_w = flat.t() @ x.reshape(-1, x.shape[-1])  # (out, in)
         if needs[3]:
-            grad_b = grad.reshape(-1, grad.shape[-1]).sum(0)
-        return grad_x, grad_w if needs[1] else None, grad_w if needs[2] else None, grad_b
+            grad_b = flat.sum(0)
+        leaf_grads: tuple[Tensor | None, ...] = (None,) * len(ctx.leaves)
+        if train_leaves:
+            wanted = [p for p, n in zip(ctx.leaves, needs[5:], strict=True) if n]
+            got = iter(torch.autograd.grad(delta, wanted, grad_w.to(delta.dtype),
+                                           allow_unused=True))
+            leaf_grads = tuple(next(got) if n else None for n in needs[5:])
+        ctx.make = ctx.leaves = None
+        return (grad_x, grad_w if needs[1] else None, grad_w if needs[2] else None, grad_b,
+                None, *leaf_grads)
 
 
 def _first_input(args: tuple, kwargs: dict) -> Tensor | None:
