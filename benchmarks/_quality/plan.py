@@ -124,7 +124,8 @@ def describe(tasks: dict[str, tuple[TaskSpec, TaskData]], cells: list[tuple[str,
         est = [cell_cost(spec, data, m, p, costs) for m in mine]
         per_cell += [e["total"] for e in est]
         total_by_task[name] = sum(e["total"] for e in est)
-        full = cell_cost(spec, data, mine[0], p, costs)
+        trained = next((m for m in mine if m.kind != "base"), mine[0])
+        full = cell_cost(spec, data, trained, p, costs)
         lines.append(f"{name:<12}{spec.steps:>6}{sweep_steps(spec, p):>6}{spec.batch_size:>6}"
                      f"{tokens_per_step(data, spec.batch_size):>9.0f}{full['step']:>8.2f}"
                      f"{len(data.test):>8}{full['test_eval']:>7.1f}{len(mine):>6}"
