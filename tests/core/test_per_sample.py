@@ -16,7 +16,8 @@ from torch import nn
 import deltatune as dt
 from deltatune.core.delta import Delta
 from deltatune.core.lifecycle import delta_layers
-from deltatune.core.per_sample import BASE, batched_impl
+from deltatune.core.per_sample import BASE
+from deltatune.core.selection import batched_impl
 from helpers import assert_differs, assert_rel_close, perturb
 from zoo import CASES_BY_NAME, output
 

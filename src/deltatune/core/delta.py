@@ -45,7 +45,7 @@ from .geometry import LayerInfo
 
 if TYPE_CHECKING:
     from .config import DeltaConfig
-    from .per_sample import Selection
+    from .selection import Selection
     from .sequence import TokenCall
 
 Params = dict[str, "Tensor | None"]
@@ -333,7 +333,7 @@ class Delta(nn.Module):
         The default runs each delta on the rows that chose it (``index_select`` /
         ``index_copy``): correct for every output-form method, one small batch per delta.
         """
-        from .per_sample import each_delta
+        from .selection import each_delta
 
         return each_delta(sel, "forward", x, y)
 
@@ -341,7 +341,7 @@ class Delta(nn.Module):
     def batched_effect(cls, sel: Selection, x: Tensor, y: Tensor) -> Tensor:
         """``effect`` with a delta chosen per row (zero for rows with ``k = 0``); see
         ``batched_forward``."""
-        from .per_sample import each_delta
+        from .selection import each_delta
 
         return each_delta(sel, "effect", x, y)
 
@@ -349,7 +349,7 @@ class Delta(nn.Module):
     def batched_pre(cls, sel: Selection, x: Tensor) -> Tensor:
         """``pre`` with a delta chosen per row (``x[i]`` unchanged for rows with ``k = 0``);
         see ``batched_forward``. Only called for deltas that transform their input."""
-        from .per_sample import each_delta
+        from .selection import each_delta
 
         return each_delta(sel, "pre", x, x)
 

@@ -34,8 +34,8 @@ from torch import Tensor, nn
 from ..core.delta import Params
 from ..core.errors import ConfigError, MergeError
 from ..core.geometry import LayerInfo, dense_weight, weight_key
-from ..core.per_sample import Selection, each_delta, per_row, stack_rows
 from ..core.registry import register
+from ..core.selection import Selection, each_delta, per_row, stack_rows
 from .lora import LoraConfig, LoraDelta, lora_rows
 
 

@@ -29,8 +29,8 @@ from ..core.config import DeltaConfig
 from ..core.delta import Delta, Params
 from ..core.errors import MergeError
 from ..core.geometry import LayerInfo
-from ..core.per_sample import Selection, each_delta, per_row, stack_rows
 from ..core.registry import register
+from ..core.selection import Selection, each_delta, per_row, stack_rows
 
 DEFAULT_TARGETS = ("attn.k", "attn.v", "ffn.down")
 DEFAULT_FEEDFORWARD = ("ffn.down",)

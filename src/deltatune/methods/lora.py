@@ -43,8 +43,8 @@ from ..core.config import DeltaConfig
 from ..core.delta import Delta, Params
 from ..core.errors import AdapterFileError, ConfigError
 from ..core.geometry import LayerInfo, dense_weight
-from ..core.per_sample import Selection, each_delta, stack_rows
 from ..core.registry import register
+from ..core.selection import Selection, each_delta, stack_rows
 
 _INITS = ("default", "gaussian", "pissa")
 
