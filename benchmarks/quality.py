@@ -12,11 +12,13 @@ Base model: ``shared/models/deltatune-tiny-llama`` (12.6M parameters). Tasks (``
 Rows: full fine-tuning, a trained head only, training from scratch, every registered deltatune
 method (the ones the issue names with chosen settings, the others with their defaults), and
 HF peft's version of LoRA (q,v and all-linear), DoRA, AdaLoRA, VeRA, IA3, LN tuning, prefix and
-prompt tuning, trained by the same loop on the same data, seeds and learning-rate grid.
+prompt tuning, trained by the same loop on the same data and seeds at their twin's learning rate.
 
 Protocol per (method, task) cell (``_quality/cells.py``): a 3-point learning-rate sweep of
-short runs scored on a validation split carved out of train, then 3 seeds at the best rate,
-each scored on the full test set. Training: AdamW, 6% warm-up then linear decay, clipping at 1,
+short runs scored on a validation split carved out of train (extended by up to two more points
+past an end of the grid that wins), then 3 seeds at the best rate, each scored on the full test
+set. A peft row takes its deltatune twin's rate: the same runs, another implementation.
+Training: AdamW, 6% warm-up then linear decay, clipping at 1,
 bf16 autocast with fp32 weights (CPU), batches of similar length. Classification reads the last
 token (HF ``LlamaForSequenceClassification``); its new head is trained with every method and
 counted apart ("params (excl. head)").
@@ -25,7 +27,7 @@ Everything is written as it finishes (``results/quality/runs``, ``cells``); runn
 command again resumes and skips finished work. The report: ``quality.md``, ``quality.json``,
 ``quality.png`` in the output directory.
 
-    python benchmarks/quality.py                      # the full table (about an hour, 2 cores)
+    python benchmarks/quality.py                      # the full table (2 cores: see README)
     python benchmarks/quality.py --estimate           # the plan and the time estimate only
     python benchmarks/quality.py --quick              # a few-minute smoke run
     python benchmarks/quality.py --tasks sst2,rte --methods full,lora-qv,peft:lora-qv
@@ -168,8 +170,9 @@ def _worker_init(threads: int) -> None:
 
 
 def _cell_job(spec: TaskSpec, method_label: str, protocol: cells_mod.Protocol) -> dict[str, Any]:
-    method = next(m for m in methods_mod.all_methods() if m.label == method_label)
-    return cells_mod.run_cell(spec, method, protocol)
+    by_label = {m.label: m for m in methods_mod.all_methods()}
+    method = by_label[method_label]
+    return cells_mod.run_cell(spec, method, protocol, by_label.get(method.twin or ""))
 
 
 def _is_done(p: cells_mod.Protocol, spec: TaskSpec, method: methods_mod.MethodSpec) -> bool:
@@ -177,6 +180,8 @@ def _is_done(p: cells_mod.Protocol, spec: TaskSpec, method: methods_mod.MethodSp
     if not path.is_file():
         return False
     record = json.loads(path.read_text())
+    if record.get("protocol") != dataclasses.asdict(p):  # redo it (finished runs are reused)
+        return False
     seeds = 1 if method.kind == "base" else p.seeds
     return record.get("steps") == spec.steps and len(record.get("runs", [])) >= seeds \
         if record.get("status") != "failed" else record.get("steps") == spec.steps
@@ -254,8 +259,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.estimate:
         return meta
     started = time.perf_counter()
-    # the issue's rows first (longest first within each group), then the other methods
-    todo.sort(key=lambda c: (c[1].extra, -cost_of[(c[0], c[1].label)]))
+    # the issue's rows first (longest first within each group), then the other methods; the
+    # peft rows after the deltatune ones (they take their twin's learning rate)
+    todo.sort(key=lambda c: (c[1].extra, c[1].kind == "peft", -cost_of[(c[0], c[1].label)]))
     _run_pool(todo, specs, protocol, workers, cost_of, remaining, not args.no_progress,
               lambda: report_mod.write_report(out, task_list, meta, with_plot=False))
     wall = time.perf_counter() - started
@@ -300,7 +306,7 @@ def _run_pool(todo: list[tuple[str, methods_mod.MethodSpec]], specs: dict[str, T
 
     if workers == 0:  # in this process, one cell after the other
         for name, m in todo:
-            finished(name, m.label, lambda n=name, m=m: cells_mod.run_cell(specs[n], m, protocol))
+            finished(name, m.label, lambda n=name, m=m: _cell_job(specs[n], m.label, protocol))
     else:
         ctx = mp.get_context("spawn")
         with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,

@@ -3,8 +3,15 @@
 Protocol of a cell:
 
 1. sweep: for every learning rate of the method's grid, one short run (``sweep_fraction`` of
-   the final step count, seed 0), scored on the validation split carved out of train;
+   the final step count, seed 0), scored on the validation split carved out of train; while
+   the best rate is at an end of the rates tried, the grid grows by one more of its own steps
+   past that end (at most ``extend`` times), so the chosen rate is never an untested edge
+   unless the extension ran out;
 2. final: ``seeds`` runs at the best learning rate, each evaluated on the full test set.
+
+A peft row makes the same runs as its deltatune twin: it takes the twin's learning rate (from
+the twin's sweep, read back or run) instead of sweeping itself, so the two differ only in the
+implementation.
 
 Every finished run is written to ``<out>/runs/<task>/<label>/<run>.json`` as soon as it ends,
 and the cell to ``<out>/cells/<task>__<label>.json``: a killed benchmark resumes where it
@@ -49,6 +56,7 @@ class Protocol:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     calibration_batches: int = 4
+    extend: int = 2
     max_train: int | None = None
     max_test: int | None = None
     threads: int = 1
@@ -197,40 +205,75 @@ def cell_path(p: Protocol, spec: TaskSpec, method: MethodSpec) -> Path:
     return Path(p.out) / "cells" / f"{spec.name}__{method.label.replace(':', '_')}.json"
 
 
-def run_cell(spec: TaskSpec, method: MethodSpec, p: Protocol) -> dict[str, Any]:
-    """Sweep, choose, run the seeds; write and return the cell record."""
+def _sweep_lr(lr: float) -> float:
+    return float(f"{lr:.3g}")  # grid steps multiply; keep the file names and figures tidy
+
+
+def sweep(spec: TaskSpec, method: MethodSpec, p: Protocol) -> list[dict[str, Any]]:
+    """The validation scores of ``method``'s grid, extended past an end that wins (see the
+    module docstring); one entry per rate tried, in the order tried."""
+    up = HIGHER[spec.metric]
+    tried: dict[float, dict[str, Any]] = {}
+
+    def score(lr: float) -> None:
+        r = cached_run(spec, method, p, lr=lr, seed=0, steps=sweep_steps(spec, p), split="val")
+        value = r.get("metrics", {}).get(spec.metric) if r["status"] == "ok" else None
+        if value is not None and not math.isfinite(value):
+            value = None
+        tried[lr] = {"lr": lr, "status": r["status"], "val": value, "error": r.get("error")}
+
+    for lr in method.lrs:
+        score(lr)
+    grid = sorted(method.lrs)
+    ratio = grid[1] / grid[0] if len(grid) > 1 else None
+    for _ in range(p.extend if ratio else 0):
+        scored = [t for t in tried.values() if t["val"] is not None]
+        if not scored:
+            break
+        best = (max if up else min)(scored, key=lambda t: t["val"])["lr"]
+        if best == max(tried):
+            score(_sweep_lr(best * ratio))
+        elif best == min(tried):
+            score(_sweep_lr(best / ratio))
+        else:
+            break
+    return list(tried.values())
+
+
+def best_of(entries: list[dict[str, Any]], metric: str) -> dict[str, Any] | None:
+    scored = [s for s in entries if s["val"] is not None]
+    if not scored:
+        return None
+    return (max if HIGHER[metric] else min)(scored, key=lambda s: s["val"])
+
+
+def run_cell(spec: TaskSpec, method: MethodSpec, p: Protocol,
+             twin: MethodSpec | None = None) -> dict[str, Any]:
+    """Sweep (or take the twin's rate), choose, run the seeds; write and return the record."""
     torch.set_num_threads(p.threads)
     t0 = time.perf_counter()
     metric = spec.metric
-    up = HIGHER[metric]
-    sweep = []
-    if method.kind == "base":  # nothing to train: one evaluation of the model as loaded
-        record = {"task": spec.name, "label": method.label, "kind": method.kind,
-                  "method": None, "twin": None, "extra": False, "metric": metric, "sweep": [],
-                  "steps": spec.steps, "protocol": asdict(p), "best_lr": None,
-                  "runs": [cached_run(spec, method, p, lr=0.0, seed=0, steps=0,
-                                      split="test")]}
-        record["status"] = record["runs"][0]["status"]
-        record["error"] = record["runs"][0].get("error")
-        record["cell_seconds"] = time.perf_counter() - t0
-        write_json(cell_path(p, spec, method), record)
-        return record
-    for lr in method.lrs:
-        r = cached_run(spec, method, p, lr=lr, seed=0, steps=sweep_steps(spec, p), split="val")
-        value = r.get("metrics", {}).get(metric) if r["status"] == "ok" else None
-        if value is not None and not math.isfinite(value):
-            value = None
-        sweep.append({"lr": lr, "status": r["status"], "val": value, "error": r.get("error")})
-    scored = [s for s in sweep if s["val"] is not None]
     record: dict[str, Any] = {"task": spec.name, "label": method.label, "kind": method.kind,
                               "method": method.method, "twin": method.twin,
-                              "extra": method.extra, "metric": metric, "sweep": sweep,
-                              "steps": spec.steps, "protocol": asdict(p)}
-    if not scored:
-        record.update(status="failed", error=next((s["error"] for s in sweep if s["error"]),
+                              "extra": method.extra, "metric": metric, "steps": spec.steps,
+                              "protocol": asdict(p)}
+    if method.kind == "base":  # nothing to train: one evaluation of the model as loaded
+        run = cached_run(spec, method, p, lr=0.0, seed=0, steps=0, split="test")
+        record.update(sweep=[], best_lr=None, runs=[run], status=run["status"],
+                      error=run.get("error"), cell_seconds=time.perf_counter() - t0)
+        write_json(cell_path(p, spec, method), record)
+        return record
+    if twin is not None:  # the same runs as the twin: its learning rate
+        entries = sweep(spec, twin, p)
+        record["lr_from"] = twin.label
+    else:
+        entries = sweep(spec, method, p)
+    record["sweep"] = entries
+    best = best_of(entries, metric)
+    if best is None:
+        record.update(status="failed", error=next((s["error"] for s in entries if s["error"]),
                                                   "no learning rate gave a finite score"))
     else:
-        best = (max if up else min)(scored, key=lambda s: s["val"])
         record["best_lr"] = best["lr"]
         runs = [cached_run(spec, method, p, lr=best["lr"], seed=s, steps=spec.steps,
                            split="test") for s in range(p.seeds)]
@@ -246,5 +289,5 @@ def run_cell(spec: TaskSpec, method: MethodSpec, p: Protocol) -> dict[str, Any]:
     return record
 
 
-__all__ = ["HIGHER", "Protocol", "cached_run", "cell_path", "evaluate", "run_cell", "run_one",
-           "sweep_steps", "task_data", "write_json"]
+__all__ = ["HIGHER", "Protocol", "best_of", "cached_run", "cell_path", "evaluate", "run_cell",
+           "run_one", "sweep", "sweep_steps", "task_data", "write_json"]

@@ -92,7 +92,8 @@ def cell_cost(spec: TaskSpec, data: TaskData, method: MethodSpec, p: Protocol,
     per_step *= lm
     val = eval_tokens(data.val, p.eval_batch_size) * costs.eval_token * lm
     test = eval_tokens(data.test, p.eval_batch_size) * costs.eval_token * lm
-    n = len(method.lrs)
+    # peft rows reuse their twin's sweep; a grid grows past a winning end about once a cell
+    n = 0 if method.kind == "peft" else len(method.lrs) + (1 if p.extend else 0)
     sweep = n * (sweep_steps(spec, p) * per_step + val + costs.build)
     final = p.seeds * (spec.steps * per_step + test + costs.build)
     return {"sweep": sweep, "final": final, "total": sweep + final, "step": per_step,

@@ -119,11 +119,26 @@ def test_pipeline_end_to_end_and_resume(setup, quality):
             continue
         assert s["status"] == "ok", s
         cell = json.loads((out / "cells" / f"{task}__{label.replace(':', '_')}.json").read_text())
-        # the learning rate is the best one on the validation split
+        # the learning rate is the best one on the validation split; the grid grew past an
+        # end only while that end won, by one grid step at a time, at most twice
         scored = [x for x in cell["sweep"] if x["val"] is not None]
-        assert len(cell["sweep"]) == 3 and scored
+        assert 3 <= len(cell["sweep"]) <= 5 and scored
         pick = max if s["metric"] == "accuracy" else min
         assert cell["best_lr"] == pick(scored, key=lambda x: x["val"])["lr"]
+        lrs = [x["lr"] for x in cell["sweep"]]
+        ratio = lrs[1] / lrs[0]
+        for k in range(3, len(lrs)):
+            before = [x for x in cell["sweep"][:k] if x["val"] is not None]
+            won = pick(before, key=lambda x: x["val"])["lr"]
+            assert won in (max(lrs[:k]), min(lrs[:k]))
+            assert math.isclose(lrs[k], won * ratio, rel_tol=1e-2) or math.isclose(
+                lrs[k], won / ratio, rel_tol=1e-2)
+        if len(lrs) < 5:  # the grid stopped growing: the winner is inside it
+            assert min(lrs) < cell["best_lr"] < max(lrs), lrs
+        if s["kind"] == "peft":  # the same runs as its twin: the twin's learning rate
+            twin = json.loads((out / "cells" / f"{task}__{s['twin']}.json").read_text())
+            assert cell["lr_from"] == s["twin"] and cell["best_lr"] == twin["best_lr"]
+            assert cell["sweep"] == twin["sweep"]
         (run,) = cell["runs"]
         assert run["split"] == "test" and run["lr"] == cell["best_lr"] and run["steps"] == 6
         metrics = run["metrics"]
@@ -154,3 +169,38 @@ def test_unknown_method_or_task_is_a_clear_error(quality):
         quality.select_methods("lora-qv,nope")
     with pytest.raises(SystemExit, match="unknown tasks"):
         quality.main(["--tasks", "nope", "--estimate"])
+
+
+@pytest.mark.parametrize(("peak", "expected"), [
+    (4e-3, [1e-3, 4e-3, 1.6e-2]),  # inside the grid: no extension
+    (0.3, [1e-3, 4e-3, 1.6e-2, 6.4e-2, 0.256]),  # past the top: grows twice, then stops
+    (6.4e-2, [1e-3, 4e-3, 1.6e-2, 6.4e-2, 0.256]),  # one step up wins, the next one loses
+    (1e-4, [1e-3, 4e-3, 1.6e-2, 2.5e-4, 6.25e-5]),  # below the bottom: grows downwards
+    (None, [1e-3, 4e-3, 1.6e-2, 6.4e-2]),  # the next rate up diverges: stop there
+])
+def test_sweep_grows_past_a_winning_end(quality, monkeypatch, peak, expected):
+    """The grid extends by its own ratio past an end that wins, at most twice, and stops
+    as soon as the winner is inside (or the next rate fails)."""
+    cells = quality.cells_mod
+    seen = []
+
+    def fake_run(spec, method, p, *, lr, seed, steps, split):
+        seen.append(lr)
+        assert split == "val" and seed == 0
+        if peak is None:  # higher is better up to 1.6e-2; above it the loss diverges
+            if lr > 2e-2:
+                return {"status": "failed", "error": "loss is nan"}
+            return {"status": "ok", "metrics": {"accuracy": lr}}
+        return {"status": "ok", "metrics": {"accuracy": -abs(math.log(lr / peak))}}
+
+    monkeypatch.setattr(cells, "cached_run", fake_run)
+    spec = next(t for t in quality.TASKS if t.name == "sst2")
+    method = next(m for m in quality.methods_mod.all_methods() if m.label == "lora-qv")
+    protocol = cells.Protocol(model="m", data_dir="d", out="o")
+    entries = cells.sweep(spec, method, protocol)
+    assert [e["lr"] for e in entries] == pytest.approx(expected) == seen
+    best = cells.best_of(entries, "accuracy")["lr"]
+    if peak is None:
+        assert best == 1.6e-2 and entries[-1]["status"] == "failed"
+    elif peak in (4e-3, 6.4e-2):
+        assert best == pytest.approx(peak)
