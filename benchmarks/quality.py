@@ -180,8 +180,10 @@ def _is_done(p: cells_mod.Protocol, spec: TaskSpec, method: methods_mod.MethodSp
     if not path.is_file():
         return False
     record = json.loads(path.read_text())
-    if record.get("protocol") != dataclasses.asdict(p):  # redo it (finished runs are reused)
-        return False
+    by_label = {m.label: m for m in methods_mod.all_methods()}
+    mark = cells_mod.cell_fingerprint(spec, method, by_label.get(method.twin or ""))
+    if record.get("protocol") != dataclasses.asdict(p) or record.get("fingerprint") != mark:
+        return False  # redo it (the runs that still apply are read back)
     seeds = 1 if method.kind == "base" else p.seeds
     return record.get("steps") == spec.steps and len(record.get("runs", [])) >= seeds \
         if record.get("status") != "failed" else record.get("steps") == spec.steps

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import math
 import os
@@ -170,17 +171,42 @@ def _run_path(p: Protocol, spec: TaskSpec, method: MethodSpec, lr: float, seed: 
 
 
 def cached_run(spec: TaskSpec, method: MethodSpec, p: Protocol, **kw: Any) -> dict[str, Any]:
-    """``run_one``, read back from disk when it already ran; failures are recorded too."""
+    """``run_one``, read back from disk when it already ran with the same method settings
+    (``fingerprint``); failures are recorded too."""
     path = _run_path(p, spec, method, kw["lr"], kw["seed"], kw["steps"], kw["split"])
+    mark = fingerprint(method, spec, kw["steps"])
     if path.is_file():
-        return json.loads(path.read_text())
+        record = json.loads(path.read_text())
+        if record.get("fingerprint") == mark:
+            return record
     try:
         record = {"status": "ok", **run_one(spec, method, p, **kw)}
     except Exception as exc:  # a failing method is a row that says why, not a crash
         record = {"status": "failed", **kw, "error": f"{type(exc).__name__}: {exc}"[:500],
                   "traceback": traceback.format_exc(limit=6)[-2000:]}
+    record["fingerprint"] = mark
     write_json(path, record)
     return record
+
+
+def fingerprint(method: MethodSpec, spec: TaskSpec, steps: int) -> str:
+    """A short hash of what a run of ``method`` builds: its kind, method and configuration
+    (a peft row: its peft config), so a changed row never reads back an old result."""
+    if method.kind == "peft" and method.peft is not None:
+        config = method.peft("SEQ_CLS" if spec.kind == "classification" else "CAUSAL_LM", steps)
+        settings: Any = config.to_dict()
+    else:
+        settings = method.config_options(steps)
+    what = json.dumps([method.kind, method.method, settings], sort_keys=True, default=_canonical)
+    return hashlib.sha1(what.encode()).hexdigest()[:12]
+
+
+def _canonical(value: Any) -> Any:
+    """JSON for what ``json`` does not know, the same in every process (sets are sorted:
+    their order depends on the process's string hashing)."""
+    if isinstance(value, (set, frozenset)):
+        return sorted(map(repr, value))
+    return repr(value)
 
 
 def write_json(path: Path, value: Any) -> None:
@@ -247,6 +273,12 @@ def best_of(entries: list[dict[str, Any]], metric: str) -> dict[str, Any] | None
     return (max if HIGHER[metric] else min)(scored, key=lambda s: s["val"])
 
 
+def cell_fingerprint(spec: TaskSpec, method: MethodSpec, twin: MethodSpec | None) -> str:
+    """What a cell's figures depend on besides the protocol: the row's settings, and for a
+    peft row its twin's (whose sweep sets the learning rate)."""
+    return "-".join(fingerprint(m, spec, spec.steps) for m in (method, twin) if m is not None)
+
+
 def run_cell(spec: TaskSpec, method: MethodSpec, p: Protocol,
              twin: MethodSpec | None = None) -> dict[str, Any]:
     """Sweep (or take the twin's rate), choose, run the seeds; write and return the record."""
@@ -256,7 +288,8 @@ def run_cell(spec: TaskSpec, method: MethodSpec, p: Protocol,
     record: dict[str, Any] = {"task": spec.name, "label": method.label, "kind": method.kind,
                               "method": method.method, "twin": method.twin,
                               "extra": method.extra, "metric": metric, "steps": spec.steps,
-                              "protocol": asdict(p)}
+                              "protocol": asdict(p), "fingerprint": cell_fingerprint(
+                                  spec, method, twin)}
     if method.kind == "base":  # nothing to train: one evaluation of the model as loaded
         run = cached_run(spec, method, p, lr=0.0, seed=0, steps=0, split="test")
         record.update(sweep=[], best_lr=None, runs=[run], status=run["status"],

@@ -103,7 +103,11 @@ def tables(summaries: Sequence[dict[str, Any]], tasks: Sequence[tuple[str, str]]
         lines.append(f"| {label} | {shown} | {share} | "
                      + " | ".join(_fmt(m, c) for (_, m), c in zip(tasks, cells, strict=True))
                      + f" | {sum(reach)}/{len(reach)} |")
-    detail = ["| task | method | best LR | trainable (incl. head) | peak memory | time/step | "
+    detail = ["Peak memory here is the resident-set growth during a run inside a worker process "
+              "that ran other cells before (allocator caches, datasets): a rough figure, not "
+              "comparable across rows; `benchmarks/memory.py` measures memory properly (each case "
+              "in a fresh process). Time per step: median, two workers sharing the 2 cores.", "",
+              "| task | method | best LR | trainable (incl. head) | peak RSS growth | time/step | "
               "status |", "|---|---|---|---|---|---|---|"]
     for s in summaries:
         mem = s.get("peak_memory_bytes")

@@ -93,7 +93,7 @@ def setup(tmp_path: Path, quality: ModuleType, monkeypatch: pytest.MonkeyPatch):
     return tmp_path / "out", args
 
 
-def test_pipeline_end_to_end_and_resume(setup, quality):
+def test_pipeline_end_to_end_and_resume(setup, quality, monkeypatch):
     out, args = setup
     record = quality.main(args)
     rows = {(s["task"], s["label"]): s for s in record["summaries"]}
@@ -162,6 +162,19 @@ def test_pipeline_end_to_end_and_resume(setup, quality):
         "cells_run"] == 0
     assert [s.get("mean") for s in again["summaries"]] == [
         s.get("mean") for s in record["summaries"]]
+    # a row whose settings change is run again (and its peft twin's cell, whose rate follows
+    # it), never read back from the old runs; the other rows are left as they were
+    methods = quality.methods_mod
+    monkeypatch.setattr(methods, "NAMED", [
+        dataclasses.replace(m, options={**m.options, "rank": 4}) if m.label == "lora-qv" else m
+        for m in methods.NAMED])
+    third = quality.main(args)
+    history = [json.loads(line) for line in (out / "invocations.jsonl").read_text().splitlines()]
+    assert history[-1]["cells_run"] == 3  # lora-qv on both tasks, peft:lora-qv on sst2
+    after = {(s["task"], s["label"]): s for s in third["summaries"]}
+    assert after[("sst2", "lora-qv")]["delta_params"] * 2 == rows[("sst2", "lora-qv")][
+        "delta_params"]
+    assert after[("sst2", "head")] == rows[("sst2", "head")]
 
 
 def test_unknown_method_or_task_is_a_clear_error(quality):
