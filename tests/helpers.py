@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import copy
+import json
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -126,3 +131,13 @@ def checkpoint_and_resume(model: nn.Module, optimizer: torch.optim.Optimizer,
     schedules = dt.Scheduler(fresh, resumed)
     schedules.load(directory / "schedule")
     return fresh, resumed, schedules
+
+
+def run_quick_benchmark(script: Path, out: Path, result: str, *extra: str) -> dict[str, Any]:
+    """Run a benchmark script's ``--quick`` mode (one torch thread) in a fresh interpreter,
+    writing into ``out``; return the JSON record ``result`` it wrote there."""
+    proc = subprocess.run(
+        [sys.executable, str(script), "--quick", *extra, "--threads", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return json.loads((out / result).read_text())

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import run_quick_benchmark
+
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
@@ -25,11 +27,7 @@ INFER = ["infer_base", "infer_dt_unmerged", "infer_peft_unmerged", "infer_dt_mer
 @pytest.fixture(scope="module")
 def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
     out = tmp_path_factory.mktemp("bench")
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--threads", "1", "--out", str(out)],
-        capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return json.loads((out / "lora_speed_cpu.json").read_text()), out
+    return run_quick_benchmark(SCRIPT, out, "lora_speed_cpu.json"), out
 
 
 def test_every_case_is_timed_and_measured(report: tuple[dict, Path]) -> None:

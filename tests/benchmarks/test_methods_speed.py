@@ -7,9 +7,7 @@ which is only safe from a process that has not run torch kernels yet.
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -17,6 +15,7 @@ from types import ModuleType
 import pytest
 
 import deltatune as dt
+from helpers import run_quick_benchmark
 
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
@@ -49,11 +48,7 @@ def _expected() -> tuple[list[str], list[str]]:
 @pytest.fixture(scope="module")
 def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
     out = tmp_path_factory.mktemp("bench")
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--threads", "1", "--out", str(out)],
-        capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return json.loads((out / "methods_speed_cpu.json").read_text()), out
+    return run_quick_benchmark(SCRIPT, out, "methods_speed_cpu.json"), out
 
 
 def test_every_case_is_timed_and_measured(report: tuple[dict, Path]) -> None:

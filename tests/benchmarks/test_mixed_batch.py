@@ -6,13 +6,12 @@ which is only safe from a process that has not run torch kernels yet.
 
 from __future__ import annotations
 
-import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from helpers import run_quick_benchmark
 
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
@@ -25,12 +24,7 @@ CASES = ["infer_base", "infer_dt_single", "infer_dt_mixed", "infer_peft_single",
 @pytest.fixture(scope="module")
 def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
     out = tmp_path_factory.mktemp("bench")
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--batch", "4", "--threads", "1",
-         "--out", str(out)],
-        capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return json.loads((out / "mixed_batch_cpu.json").read_text()), out
+    return run_quick_benchmark(SCRIPT, out, "mixed_batch_cpu.json", "--batch", "4"), out
 
 
 def test_every_case_is_timed_and_measured(report: tuple[dict, Path]) -> None:

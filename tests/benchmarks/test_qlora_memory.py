@@ -7,13 +7,12 @@ which is only safe from a process that has not run torch kernels yet.
 
 from __future__ import annotations
 
-import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from helpers import run_quick_benchmark
 
 pytest.importorskip("transformers")
 pytest.importorskip("torchao")
@@ -26,11 +25,7 @@ LORA = ["lora_bf16", "qlora_nf4", "qlora_int8"]
 @pytest.fixture(scope="module")
 def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
     out = tmp_path_factory.mktemp("bench")
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--threads", "1", "--out", str(out)],
-        capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return json.loads((out / "qlora_memory_cpu.json").read_text()), out
+    return run_quick_benchmark(SCRIPT, out, "qlora_memory_cpu.json"), out
 
 
 def test_every_case_is_measured(report: tuple[dict, Path]) -> None:
