@@ -133,6 +133,30 @@ def checkpoint_and_resume(model: nn.Module, optimizer: torch.optim.Optimizer,
     return fresh, resumed, schedules
 
 
+def assert_resume_is_bit_identical(build: Callable[[], nn.Module],
+                                   rebuild: Callable[[], nn.Module],
+                                   make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
+                                   name: str, batches: list, train: Callable, directory,
+                                   split: int = 4) -> nn.Module:
+    """Train ``build()`` straight through ``batches``, and again with a checkpoint after
+    ``split`` batches resumed into ``rebuild()`` (``checkpoint_and_resume``); assert equal
+    losses at every step and equal parameters at the end. ``train(model, optimizer, scheduler,
+    batches)`` returns the losses. Returns the resumed model."""
+    straight = build()
+    opt = make_optimizer(straight)
+    want = train(straight, opt, dt.Scheduler(straight, opt), batches)
+    first = build()
+    opt = make_optimizer(first)
+    sched = dt.Scheduler(first, opt)
+    got = train(first, opt, sched, batches[:split])
+    fresh, opt, sched = checkpoint_and_resume(first, opt, sched, name, rebuild, make_optimizer,
+                                              directory)
+    got += train(fresh, opt, sched, batches[split:])
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    ours = dict(fresh.named_parameters())
+    assert all(torch.equal(p, ours[k]) for k, p in straight.named_parameters())
+    return fresh
+
 def run_quick_benchmark(script: Path, out: Path, result: str, *extra: str) -> dict[str, Any]:
     """Run a benchmark script's ``--quick`` mode (one torch thread) in a fresh interpreter,
     writing into ``out``; return the JSON record ``result`` it wrote there."""

@@ -14,7 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import deltatune as dt
 from deltatune.core.lifecycle import delta_layers
 from deltatune.methods.layerwise import FullConfig, HftConfig, LisaConfig
-from helpers import assert_differs, assert_rel_close, checkpoint_and_resume, perturb
+from helpers import assert_differs, assert_rel_close, assert_resume_is_bit_identical, perturb
 
 
 def llama(seed: int = 0, layers: int = 4) -> nn.Module:
@@ -140,18 +140,8 @@ def test_a_frozen_adapter_stays_frozen_under_a_scheduler(tmp_path):
 def test_lisa_resumes_bit_identically_mid_period(tmp_path):
     config = LisaConfig(active_layers=1, interval=3, seed=5)
     batches = data(8)
-    straight = dt.inject(llama(), config, "d")
-    opt = optimizer(straight)
-    want = train(straight, opt, dt.Scheduler(straight, opt), batches)
-    first = dt.inject(llama(), config, "d")
-    opt = optimizer(first)
-    sched = dt.Scheduler(first, opt)
-    got = train(first, opt, sched, batches[:4])
-    fresh, opt, sched = checkpoint_and_resume(first, opt, sched, "d", llama, optimizer, tmp_path)
-    got += train(fresh, opt, sched, batches[4:])
-    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
-    ours = dict(fresh.named_parameters())
-    assert all(torch.equal(p, ours[k]) for k, p in straight.named_parameters())
+    assert_resume_is_bit_identical(lambda: dt.inject(llama(), config, "d"), llama, optimizer,
+                                   "d", batches, train, tmp_path)
 
 
 def test_after_lisa_training_merge_and_reload_give_the_trained_model(tmp_path):
@@ -205,18 +195,8 @@ def test_hft_resumes_bit_identically(tmp_path):
     def small():
         return llama(layers=2)
 
-    straight = dt.inject(small(), config, "d")
-    opt = optimizer(straight)
-    want = train(straight, opt, dt.Scheduler(straight, opt), batches)
-    first = dt.inject(small(), config, "d")
-    opt = optimizer(first)
-    sched = dt.Scheduler(first, opt)
-    got = train(first, opt, sched, batches[:4])
-    fresh, opt, sched = checkpoint_and_resume(first, opt, sched, "d", small, optimizer, tmp_path)
-    got += train(fresh, opt, sched, batches[4:])
-    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
-    ours = dict(fresh.named_parameters())
-    assert all(torch.equal(p, ours[k]) for k, p in straight.named_parameters())
+    assert_resume_is_bit_identical(lambda: dt.inject(small(), config, "d"), small, optimizer,
+                                   "d", batches, train, tmp_path)
 
 
 # ------------------------------------------------------------------------------ bad inputs

@@ -25,7 +25,7 @@ from deltatune.core.geometry import layer_info
 from deltatune.core.lifecycle import delta_layers
 from deltatune.core.targeting import Matcher
 from deltatune.methods.sparse import SparseConfig
-from helpers import assert_differs, assert_rel_close, checkpoint_and_resume, perturb
+from helpers import assert_differs, assert_rel_close, assert_resume_is_bit_identical, perturb
 
 TOL = 1e-6
 
@@ -369,18 +369,7 @@ def test_sara_training_resumes_bit_identically(tmp_path):
             out.append(loss.detach())
         return out
 
-    straight = build()
-    opt = make_opt(straight)
-    want = train(straight, opt, dt.Scheduler(straight, opt), data)
-    first = build()
-    opt = make_opt(first)
-    sched = dt.Scheduler(first, opt)
-    got = train(first, opt, sched, data[:4])
-    fresh, opt, sched = checkpoint_and_resume(first, opt, sched, "s", base, make_opt, tmp_path)
-    got += train(fresh, opt, sched, data[4:])
-    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
-    ours = dict(fresh.named_parameters())
-    assert all(torch.equal(p, ours[k]) for k, p in straight.named_parameters())
+    fresh = assert_resume_is_bit_identical(build, base, make_opt, "s", data, train, tmp_path)
     assert any(d.num_frozen for d in deltas(fresh).values())
 
 
