@@ -9,19 +9,32 @@ Protocol of a cell:
    unless the extension ran out;
 2. final: ``seeds`` runs at the best learning rate, each evaluated on the full test set.
 
+A task with ``lr_from`` takes each row's rate from that other task's sweep (run there, or read
+back), and a task's ``lr_scale`` shifts every grid on it.
+
 A peft row makes the same runs as its deltatune twin: it takes the twin's learning rate (from
 the twin's sweep, read back or run) instead of sweeping itself, so the two differ only in the
 implementation.
 
-Every finished run is written to ``<out>/runs/<task>/<label>/<run>.json`` as soon as it ends,
-and the cell to ``<out>/cells/<task>__<label>.json``: a killed benchmark resumes where it
-stopped. Training runs under bf16 autocast (fp32 master weights) on CPU by default; a run that
-fails (an error while building or training, a diverging loss) is recorded with its reason.
+Every finished run is written to ``<out>/runs/<task>/<label>/<run>.json`` as soon as it ends
+(a lock file keeps two workers from making the same run at once: the second waits and reads
+it back), and the cell to ``<out>/cells/<task>__<label>.json``: a killed benchmark resumes where
+it stopped.
+
+Memory: a cell begins with a probe, ``PROBE_STEPS`` training steps on the task's first batches
+of seed 0 (the same batches for every row), measuring the peak resident set over the model as
+built (``PeakMemory``). Only the first training in a process measures cleanly (later ones reuse
+memory the allocator already holds), so the benchmark starts every cell in a new process, and a
+cell that does not (``--workers 0`` after the first cell) records no memory.
+
+Training runs under bf16 autocast (fp32 master weights) on CPU by default; a run that fails
+(an error while building or training, a diverging loss) is recorded with its reason.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import hashlib
 import json
@@ -29,6 +42,7 @@ import math
 import os
 import time
 import traceback
+import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,7 +50,7 @@ from typing import Any
 
 import torch
 
-from .methods import MethodSpec, build, count_trainable
+from .methods import MethodSpec, all_methods, build, count_trainable
 from .tasks import LengthTrainer, TaskData, TaskSpec, load_task
 
 HIGHER = {"accuracy": True, "mcc": True, "f1": True, "perplexity": False, "loss": False}
@@ -52,7 +66,6 @@ class Protocol:
     seeds: int = 3
     sweep_fraction: float = 1 / 3
     precision: str = "bf16"
-    eval_batch_size: int = 128
     warmup: float = 0.06
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -96,16 +109,23 @@ def precision(name: str, device: torch.device) -> Iterator[None]:
         yield
 
 
-def evaluate(model: torch.nn.Module, dataset: Any, pad_id: int, p: Protocol) -> dict[str, float]:
+def evaluate(model: torch.nn.Module, dataset: Any, pad_id: int, p: Protocol,
+             batch_size: int) -> dict[str, float]:
     from deltatune.train.loop import evaluate as lib_evaluate
 
     device = next(model.parameters()).device
     model.eval()
     with torch.no_grad(), precision(p.precision, device):
-        return lib_evaluate(model, dataset, pad_id, p.eval_batch_size, device)
+        return lib_evaluate(model, dataset, pad_id, batch_size, device)
 
 
 # ------------------------------------------------------------------------------------ runs
+#: no run has trained in this process yet: the next one measures memory cleanly
+_fresh_process = True
+#: training steps of the memory probe (the optimizer state appears at the first)
+PROBE_STEPS = 3
+
+
 def _calibration(data: TaskData, spec: TaskSpec, p: Protocol, seed: int):
     def batches(model: torch.nn.Module) -> list[Any]:
         from deltatune.train.loop import Settings
@@ -119,7 +139,9 @@ def _calibration(data: TaskData, spec: TaskSpec, p: Protocol, seed: int):
 
 def run_one(spec: TaskSpec, method: MethodSpec, p: Protocol, *, lr: float, seed: int,
             steps: int, split: str) -> dict[str, Any]:
-    """Train one model and evaluate it on ``split`` (``val`` or ``test``)."""
+    """Train one model and evaluate it on ``split`` (``val``, ``test``, or ``None``: no
+    evaluation)."""
+    global _fresh_process
     from deltatune.train.loop import Settings
     from deltatune.train.memory import PeakMemory
 
@@ -136,6 +158,7 @@ def run_one(spec: TaskSpec, method: MethodSpec, p: Protocol, *, lr: float, seed:
         if method.kind == "base":  # the pretrained model as it is: nothing trains
             result, peak = None, None
         else:
+            _fresh_process = False
             settings = Settings(steps=steps, batch_size=spec.batch_size, lr=lr,
                                 weight_decay=p.weight_decay, warmup=p.warmup,
                                 max_grad_norm=p.max_grad_norm, eval_every=0, save_every=0,
@@ -147,7 +170,8 @@ def run_one(spec: TaskSpec, method: MethodSpec, p: Protocol, *, lr: float, seed:
             with PeakMemory(device) as peak, precision(p.precision, device):
                 result = trainer.fit()
         t_eval = time.perf_counter()
-        metrics = evaluate(model, data.val if split == "val" else data.test, data.pad_id, p)
+        metrics = {} if split is None else evaluate(
+            model, data.val if split == "val" else data.test, data.pad_id, p, spec.eval_batch_size)
         eval_s = time.perf_counter() - t_eval
     finally:
         built.close()
@@ -175,29 +199,46 @@ def cached_run(spec: TaskSpec, method: MethodSpec, p: Protocol, **kw: Any) -> di
     (``fingerprint``); failures are recorded too."""
     path = _run_path(p, spec, method, kw["lr"], kw["seed"], kw["steps"], kw["split"])
     mark = fingerprint(method, spec, kw["steps"])
-    if path.is_file():
-        record = json.loads(path.read_text())
-        if record.get("fingerprint") == mark:
-            return record
-    try:
-        record = {"status": "ok", **run_one(spec, method, p, **kw)}
-    except Exception as exc:  # a failing method is a row that says why, not a crash
-        record = {"status": "failed", **kw, "error": f"{type(exc).__name__}: {exc}"[:500],
-                  "traceback": traceback.format_exc(limit=6)[-2000:]}
-    record["fingerprint"] = mark
-    write_json(path, record)
+    with _locked(path):
+        if path.is_file():
+            record = json.loads(path.read_text())
+            if record.get("fingerprint") == mark:
+                return record
+        try:
+            record = {"status": "ok", **run_one(spec, method, p, **kw)}
+        except Exception as exc:  # a failing method is a row that says why, not a crash
+            record = {"status": "failed", **kw, "error": f"{type(exc).__name__}: {exc}"[:500],
+                      "traceback": traceback.format_exc(limit=6)[-2000:]}
+        record["fingerprint"] = mark
+        write_json(path, record)
     return record
 
 
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Hold ``<path>.lock`` (an advisory lock the kernel drops if the holder dies)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def fingerprint(method: MethodSpec, spec: TaskSpec, steps: int) -> str:
-    """A short hash of what a run of ``method`` builds: its kind, method and configuration
-    (a peft row: its peft config), so a changed row never reads back an old result."""
+    """A short hash of what a run of ``method`` on ``spec`` does: the row's kind, method and
+    configuration (a peft row: its peft config) and the task's data and batching, so a changed
+    row or task never reads back an old result."""
     if method.kind == "peft" and method.peft is not None:
         config = method.peft("SEQ_CLS" if spec.kind == "classification" else "CAUSAL_LM", steps)
         settings: Any = config.to_dict()
     else:
         settings = method.config_options(steps)
-    what = json.dumps([method.kind, method.method, settings], sort_keys=True, default=_canonical)
+    task = [spec.kind, spec.train, spec.test, spec.max_length, spec.batch_size, spec.val_size,
+            spec.pair]
+    what = json.dumps([method.kind, method.method, settings, task], sort_keys=True,
+                      default=_canonical)
     return hashlib.sha1(what.encode()).hexdigest()[:12]
 
 
@@ -240,6 +281,7 @@ def sweep(spec: TaskSpec, method: MethodSpec, p: Protocol) -> list[dict[str, Any
     module docstring); one entry per rate tried, in the order tried."""
     up = HIGHER[spec.metric]
     tried: dict[float, dict[str, Any]] = {}
+    grid = sorted(_sweep_lr(lr * spec.lr_scale) for lr in method.lrs)
 
     def score(lr: float) -> None:
         r = cached_run(spec, method, p, lr=lr, seed=0, steps=sweep_steps(spec, p), split="val")
@@ -248,9 +290,8 @@ def sweep(spec: TaskSpec, method: MethodSpec, p: Protocol) -> list[dict[str, Any
             value = None
         tried[lr] = {"lr": lr, "status": r["status"], "val": value, "error": r.get("error")}
 
-    for lr in method.lrs:
+    for lr in grid:
         score(lr)
-    grid = sorted(method.lrs)
     ratio = grid[1] / grid[0] if len(grid) > 1 else None
     for _ in range(p.extend if ratio else 0):
         scored = [t for t in tried.values() if t["val"] is not None]
@@ -273,15 +314,40 @@ def best_of(entries: list[dict[str, Any]], metric: str) -> dict[str, Any] | None
     return (max if HIGHER[metric] else min)(scored, key=lambda s: s["val"])
 
 
-def cell_fingerprint(spec: TaskSpec, method: MethodSpec, twin: MethodSpec | None) -> str:
-    """What a cell's figures depend on besides the protocol: the row's settings, and for a
-    peft row its twin's (whose sweep sets the learning rate)."""
-    return "-".join(fingerprint(m, spec, spec.steps) for m in (method, twin) if m is not None)
+def cell_fingerprint(spec: TaskSpec, method: MethodSpec, twin: MethodSpec | None,
+                     source: TaskSpec | None = None) -> str:
+    """What a cell's figures depend on besides the protocol: the task, the row's settings,
+    and the sweep that sets the learning rate (a peft row's twin; ``source``, the task named
+    by ``lr_from``)."""
+    marks = [fingerprint(m, spec, spec.steps) for m in (method, twin) if m is not None]
+    if source is not None:
+        marks.append(fingerprint(twin or method, source, source.steps))
+    what = json.dumps([asdict(spec), None if source is None else asdict(source)],
+                      sort_keys=True)
+    return "-".join([*marks, hashlib.sha1(what.encode()).hexdigest()[:8]])
+
+
+def probe_memory(spec: TaskSpec, method: MethodSpec, p: Protocol) -> dict[str, Any]:
+    """Peak memory of ``PROBE_STEPS`` training steps over the model as built, when this
+    process has not trained before (``peak_memory_bytes`` is ``None`` otherwise)."""
+    if not _fresh_process:
+        return {"peak_memory_bytes": None, "why": "not the first training in its process"}
+    lr = min(method.lrs) if method.lrs else 1e-4  # the rate does not change what is allocated
+    try:
+        run = run_one(spec, method, p, lr=lr, seed=0, steps=PROBE_STEPS, split=None)
+    except Exception as exc:  # the cell's runs will say what fails
+        return {"peak_memory_bytes": None, "why": f"{type(exc).__name__}: {exc}"[:200]}
+    return {"peak_memory_bytes": run["peak_memory_bytes"], "method": run["memory_method"],
+            "steps": PROBE_STEPS, "seconds_per_step": run["seconds_per_step"]}
 
 
 def run_cell(spec: TaskSpec, method: MethodSpec, p: Protocol,
-             twin: MethodSpec | None = None) -> dict[str, Any]:
-    """Sweep (or take the twin's rate), choose, run the seeds; write and return the record."""
+             twin: MethodSpec | None = None, source: TaskSpec | None = None) -> dict[str, Any]:
+    """Sweep (or take the twin's rate, or the rate chosen on ``source``), choose, run the
+    seeds; write and return the record."""
+    if (source is None) != (spec.lr_from is None) or (source and source.name != spec.lr_from):
+        raise ValueError(f"{spec.name}: lr_from is {spec.lr_from!r}, the source task given is "
+                         f"{None if source is None else source.name!r}")
     torch.set_num_threads(p.threads)
     t0 = time.perf_counter()
     metric = spec.metric
@@ -289,20 +355,23 @@ def run_cell(spec: TaskSpec, method: MethodSpec, p: Protocol,
                               "method": method.method, "twin": method.twin,
                               "extra": method.extra, "metric": metric, "steps": spec.steps,
                               "protocol": asdict(p), "fingerprint": cell_fingerprint(
-                                  spec, method, twin)}
+                                  spec, method, twin, source)}
+    if method.kind != "base":
+        record["memory"] = probe_memory(spec, method, p)
     if method.kind == "base":  # nothing to train: one evaluation of the model as loaded
         run = cached_run(spec, method, p, lr=0.0, seed=0, steps=0, split="test")
         record.update(sweep=[], best_lr=None, runs=[run], status=run["status"],
                       error=run.get("error"), cell_seconds=time.perf_counter() - t0)
         write_json(cell_path(p, spec, method), record)
         return record
-    if twin is not None:  # the same runs as the twin: its learning rate
-        entries = sweep(spec, twin, p)
+    # a peft row makes its twin's runs; a task with lr_from takes the rate chosen there
+    entries = sweep(source or spec, twin or method, p)
+    if twin is not None:
         record["lr_from"] = twin.label
-    else:
-        entries = sweep(spec, method, p)
+    if source is not None:
+        record["lr_task"] = source.name
     record["sweep"] = entries
-    best = best_of(entries, metric)
+    best = best_of(entries, (source or spec).metric)
     if best is None:
         record.update(status="failed", error=next((s["error"] for s in entries if s["error"]),
                                                   "no learning rate gave a finite score"))
@@ -322,5 +391,25 @@ def run_cell(spec: TaskSpec, method: MethodSpec, p: Protocol,
     return record
 
 
-__all__ = ["HIGHER", "Protocol", "best_of", "cached_run", "cell_path", "evaluate", "run_cell",
-           "run_one", "sweep", "sweep_steps", "task_data", "write_json"]
+def worker_init(threads: int) -> None:
+    """A worker process's settings: its torch threads, and quiet libraries."""
+    torch.set_num_threads(threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def cell_job(spec: TaskSpec, method_label: str, p: Protocol,
+             source: TaskSpec | None) -> dict[str, Any]:
+    """``run_cell`` for a row given by its label (what a worker process receives)."""
+    by_label = {m.label: m for m in all_methods()}
+    method = by_label[method_label]
+    return run_cell(spec, method, p, by_label.get(method.twin or ""), source)
+
+
+__all__ = ["HIGHER", "PROBE_STEPS", "Protocol", "best_of", "cached_run", "cell_job", "cell_path",
+           "evaluate", "probe_memory", "run_cell", "run_one", "sweep", "sweep_steps",
+           "task_data", "worker_init", "write_json"]

@@ -5,7 +5,7 @@ precision): seconds per training token of full fine-tuning, seconds per evaluati
 the fixed cost of building a model. Every cell's cost is then
 
     Σ_runs  steps · tokens_per_step · c_train · m(method) · lm  +  eval_tokens · c_eval · lm
-            + build
+            + build  (+ the task's loading: every cell starts in a new process)
 
 with ``m`` a coarse per-kind factor (a trained head only skips most of the backward pass;
 adapters skip the weight gradients) and ``lm`` the causal-LM factor (the 8,192-word output layer).
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import heapq
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -25,7 +25,7 @@ from .cells import Protocol, precision, sweep_steps
 from .methods import MethodSpec
 from .tasks import TaskData, TaskSpec, eval_tokens, tokens_per_step
 
-KIND_FACTOR = {"base": 0.0, "full": 1.0, "scratch": 1.0, "head": 0.35, "delta": 0.85, "peft": 0.9}
+KIND_FACTOR = {"full": 1.0, "scratch": 1.0, "head": 0.35, "delta": 0.85, "peft": 0.9}
 TOKEN_METHODS = {"prefix": 1.15, "prompt": 1.25}  # extra positions
 LM_FACTOR = 1.35
 
@@ -37,6 +37,7 @@ class Costs:
     train_token: float
     eval_token: float
     build: float
+    load: dict[str, float] = field(default_factory=dict)  # seconds to load each task
 
 
 def measure(model_dir: str, p: Protocol) -> Costs:
@@ -64,7 +65,7 @@ def measure(model_dir: str, p: Protocol) -> Costs:
         if i:
             times.append(time.perf_counter() - t)
     model.eval()
-    big = torch.randint(2, vocab, (p.eval_batch_size, 48))
+    big = torch.randint(2, vocab, (32, 48))
     evals = []
     with torch.no_grad(), precision(p.precision, device):
         for i in range(3):
@@ -84,19 +85,20 @@ def cell_cost(spec: TaskSpec, data: TaskData, method: MethodSpec, p: Protocol,
               costs: Costs) -> dict[str, float]:
     """Estimated seconds of one cell (sweep and final runs)."""
     lm = LM_FACTOR if spec.kind == "causal-lm" else 1.0
+    start = costs.load.get(spec.name, 0.0) + costs.build
+    test = eval_tokens(data.test, spec.eval_batch_size) * costs.eval_token * lm
     if method.kind == "base":  # one evaluation of the untouched model
-        test = eval_tokens(data.test, p.eval_batch_size) * costs.eval_token * lm
-        return {"sweep": 0.0, "final": test + costs.build, "total": test + costs.build,
-                "step": 0.0, "test_eval": test}
+        return {"sweep": 0.0, "final": test, "total": test + start, "step": 0.0,
+                "test_eval": test}
     per_step = tokens_per_step(data, spec.batch_size) * costs.train_token * method_factor(method)
     per_step *= lm
-    val = eval_tokens(data.val, p.eval_batch_size) * costs.eval_token * lm
-    test = eval_tokens(data.test, p.eval_batch_size) * costs.eval_token * lm
-    # peft rows reuse their twin's sweep; a grid grows past a winning end about once a cell
-    n = 0 if method.kind == "peft" else len(method.lrs) + (1 if p.extend else 0)
+    val = eval_tokens(data.val, spec.eval_batch_size) * costs.eval_token * lm
+    # peft rows reuse their twin's sweep, lr_from tasks another task's (counted there); a grid
+    # grows past a winning end about once every other cell
+    n = 0 if method.kind == "peft" or spec.lr_from else len(method.lrs) + (0.5 if p.extend else 0)
     sweep = n * (sweep_steps(spec, p) * per_step + val + costs.build)
     final = p.seeds * (spec.steps * per_step + test + costs.build)
-    return {"sweep": sweep, "final": final, "total": sweep + final, "step": per_step,
+    return {"sweep": sweep, "final": final, "total": sweep + final + start, "step": per_step,
             "test_eval": test}
 
 

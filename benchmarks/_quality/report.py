@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .cells import HIGHER, write_json
+from .cells import HIGHER, PROBE_STEPS, write_json
 
 BASE_PARAMS = 12_588_672  # the tiny Llama, tied embeddings counted once
 
@@ -24,6 +24,7 @@ def summarize(cell: dict[str, Any]) -> dict[str, Any]:
     values = [r["metrics"][cell["metric"]] for r in ok]
     values = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
     out["values"] = values
+    out["peak_memory_bytes"] = (cell.get("memory") or {}).get("peak_memory_bytes")
     if values:
         out["mean"] = statistics.fmean(values)
         out["std"] = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -32,8 +33,6 @@ def summarize(cell: dict[str, Any]) -> dict[str, Any]:
         out["trainable"] = ok[0]["trainable"]
         out["delta_params"] = ok[0]["delta_params"]
         out["head_params"] = ok[0]["head_params"]
-        mem = [r["peak_memory_bytes"] for r in ok if r.get("peak_memory_bytes") is not None]
-        out["peak_memory_bytes"] = statistics.median(mem) if mem else None
         sps = [r["seconds_per_step"] for r in ok if r.get("seconds_per_step")]
         out["seconds_per_step"] = statistics.median(sps) if sps else None
     return out
@@ -103,11 +102,12 @@ def tables(summaries: Sequence[dict[str, Any]], tasks: Sequence[tuple[str, str]]
         lines.append(f"| {label} | {shown} | {share} | "
                      + " | ".join(_fmt(m, c) for (_, m), c in zip(tasks, cells, strict=True))
                      + f" | {sum(reach)}/{len(reach)} |")
-    detail = ["Peak memory here is the resident-set growth during a run inside a worker process "
-              "that ran other cells before (allocator caches, datasets): a rough figure, not "
-              "comparable across rows; `benchmarks/memory.py` measures memory properly (each case "
-              "in a fresh process). Time per step: median, two workers sharing the 2 cores.", "",
-              "| task | method | best LR | trainable (incl. head) | peak RSS growth | time/step | "
+    detail = ["Peak memory: the resident set's peak over the model as built, during "
+              f"{PROBE_STEPS} training steps on the same batches for every row of a task, each "
+              "cell in a new process (gradients, optimizer state, activations; CPU, bf16 "
+              "autocast). Time per step: median over the seeds, two workers sharing the 2 "
+              "cores.", "",
+              "| task | method | best LR | trainable (incl. head) | peak memory | time/step | "
               "status |", "|---|---|---|---|---|---|---|"]
     for s in summaries:
         mem = s.get("peak_memory_bytes")

@@ -43,6 +43,15 @@ class TaskSpec:
         batch_size: examples per step.
         val_size: examples (blocks) carved out of train for choosing the learning rate.
         pair: two text columns, joined as ``first <eos> second`` (premise truncated first).
+        rows: ``all`` (every row of the benchmark) or ``screen`` (the baselines and one
+            representative delta, ``SCREEN_ROWS``: for tasks where full fine-tuning barely
+            leaves chance at the budget the benchmark can afford).
+        lr_from: the task whose validation sweep chooses each row's learning rate (``None``:
+            this task's own).
+        lr_scale: multiplies every row's learning-rate grid on this task (short runs of a
+            language model favour higher rates: the grid is centred where earlier sweeps won).
+        eval_batch_size: examples per evaluation batch (the fastest on one CPU thread:
+            smaller for the language model, whose 8,192-way logits dominate).
     """
 
     name: str
@@ -55,7 +64,17 @@ class TaskSpec:
     batch_size: int = 16
     val_size: int = 400
     pair: bool = False
+    rows: str = "all"
+    lr_from: str | None = None
+    lr_scale: float = 1.0
+    eval_batch_size: int = 32
     description: str = ""
+
+    def __post_init__(self) -> None:
+        if self.rows not in ("all", "screen"):
+            raise ValueError(f"rows must be 'all' or 'screen', not {self.rows!r}")
+        if self.lr_from == self.name:
+            raise ValueError(f"{self.name}: lr_from names the task itself")
 
 
 @dataclass

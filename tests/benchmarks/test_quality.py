@@ -80,14 +80,18 @@ def setup(tmp_path: Path, quality: ModuleType, monkeypatch: pytest.MonkeyPatch):
     _write_data(tmp_path / "data")
     _write_model(tmp_path / "model")
     tiny = [dataclasses.replace(t, steps=6, val_size=8 if t.kind == "classification" else 4,
-                                max_length=16 if t.kind == "causal-lm" else t.max_length)
+                                max_length=16 if t.kind == "causal-lm" else t.max_length,
+                                rows="all", lr_scale=1.0)
             for t in quality.TASKS if t.name in ("sst2", "shakespeare")]
+    # a screen task that takes its rates from sst2 (the layout of rte / cola)
+    tiny.append(dataclasses.replace(tiny[-1] if tiny[-1].name == "sst2" else tiny[0],
+                                    name="sst2b", steps=4, rows="screen", lr_from="sst2"))
     monkeypatch.setattr(quality, "TASKS", tiny)
     methods = quality.methods_mod
     broken = methods.MethodSpec("broken", "delta", "lora", {"targets": ["no_such_module"]})
     monkeypatch.setattr(methods, "NAMED", [*methods.NAMED, broken])
     args = ["--model", str(tmp_path / "model"), "--data-dir", str(tmp_path / "data"),
-            "--out", str(tmp_path / "out"), "--tasks", "sst2,shakespeare",
+            "--out", str(tmp_path / "out"), "--tasks", "sst2,shakespeare,sst2b",
             "--methods", "base,head,lora-qv,peft:lora-qv,broken", "--seeds", "1",
             "--workers", "0", "--no-progress", "--peft-tasks", "sst2"]
     return tmp_path / "out", args
@@ -95,12 +99,14 @@ def setup(tmp_path: Path, quality: ModuleType, monkeypatch: pytest.MonkeyPatch):
 
 def test_pipeline_end_to_end_and_resume(setup, quality, monkeypatch):
     out, args = setup
+    monkeypatch.setattr(quality.cells_mod, "_fresh_process", True)  # as in a new worker
     record = quality.main(args)
     rows = {(s["task"], s["label"]): s for s in record["summaries"]}
     assert set(rows) == {("sst2", "head"), ("sst2", "lora-qv"), ("sst2", "peft:lora-qv"),
                          ("sst2", "broken"), ("shakespeare", "head"),
                          ("shakespeare", "lora-qv"), ("shakespeare", "broken"),
-                         ("shakespeare", "base")}  # the untrained base: causal-LM tasks only
+                         ("shakespeare", "base"),  # the untrained base: causal-LM only
+                         ("sst2b", "head")}  # a screen task: the screen rows only
     # a method that cannot run is a row that says why
     for task in ("sst2", "shakespeare"):
         assert rows[(task, "broken")]["status"] == "failed"
@@ -114,8 +120,23 @@ def test_pipeline_end_to_end_and_resume(setup, quality, monkeypatch):
     assert base_run["trainable"] == 0 and base_run["split"] == "test"
     assert math.isclose(base["mean"], math.exp(base_run["metrics"]["loss"]), rel_tol=1e-9)
     assert base["mean"] != rows[("shakespeare", "lora-qv")]["mean"]
+    # the screen task takes sst2's rate (its sweep, scored on sst2's validation split) and
+    # makes its own seeds
+    b_cell = json.loads((out / "cells" / "sst2b__head.json").read_text())
+    a_cell = json.loads((out / "cells" / "sst2__head.json").read_text())
+    assert b_cell["lr_task"] == "sst2" and b_cell["sweep"] == a_cell["sweep"]
+    assert b_cell["best_lr"] == a_cell["best_lr"] and b_cell["runs"][0]["steps"] == 4
+    assert not list((out / "runs" / "sst2b" / "head").glob("val-*"))
+    # memory: the first cell of the process probes cleanly, the others say why they do not
+    probes = [json.loads(p.read_text()).get("memory") for p in (out / "cells").glob("*.json")]
+    probes = [m for m in probes if m is not None]
+    clean = [m for m in probes if m["peak_memory_bytes"] is not None]
+    assert len(probes) == 8 and len(clean) == 1
+    assert all(m["peak_memory_bytes"] > 0 and m["steps"] == 3 for m in clean)
+    assert all("first training" in m["why"] or "no_such_module" in m["why"]
+               for m in probes if m["peak_memory_bytes"] is None)
     for (task, label), s in rows.items():
-        if label in ("broken", "base"):
+        if label in ("broken", "base") or task == "sst2b":
             continue
         assert s["status"] == "ok", s
         cell = json.loads((out / "cells" / f"{task}__{label.replace(':', '_')}.json").read_text())
@@ -217,3 +238,20 @@ def test_sweep_grows_past_a_winning_end(quality, monkeypatch, peak, expected):
         assert best == 1.6e-2 and entries[-1]["status"] == "failed"
     elif peak in (4e-3, 6.4e-2):
         assert best == pytest.approx(peak)
+
+
+def test_every_cell_runs_in_a_new_process_and_measures_memory(setup, quality):
+    """Through the worker pool each cell starts in a new process (forked from a server that
+    imported the libraries once), so every cell's memory probe is its process's first
+    training, unlike ``--workers 0`` above where only the first cell's is."""
+    out, args = setup
+    args = [a for a in args if a not in ("--workers", "0")]
+    args[args.index("--tasks") + 1] = "shakespeare"
+    args[args.index("--methods") + 1] = "head,lora-qv"
+    record = quality.main([*args, "--workers", "1"])
+    assert {s["label"] for s in record["summaries"]} == {"head", "lora-qv"}
+    for s in record["summaries"]:
+        assert s["status"] == "ok" and s["peak_memory_bytes"] > 0
+        cell = json.loads((out / "cells" / f"shakespeare__{s['label']}.json").read_text())
+        assert cell["memory"]["steps"] == quality.cells_mod.PROBE_STEPS
+    assert "peak memory" in (out / "quality.md").read_text()
