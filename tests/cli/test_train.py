@@ -212,3 +212,48 @@ def test_sst2_on_the_shared_tiny_llama(tmp_path: Path) -> None:
     assert (out / "peft" / "adapter_model.safetensors").is_file()
     tok = load_tokenizer(str(model))
     assert tok.pad_token_id == 1
+
+
+@pytest.mark.parametrize("task", ["classification", "causal-lm"])
+def test_evaluate_scores_the_logits_not_the_models_own_loss(tiny_model: Path, cls_data: Path,
+                                                            task: str) -> None:
+    """The loss (and perplexity) is the cross-entropy of the logits: equal to the model's own
+    loss when that is plain cross-entropy, unchanged when a model adds a term to it (as HF
+    peft's AdaLoRA adds its orthogonality regulariser, in eval mode too)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    tok = load_tokenizer(tiny_model)
+    table = data.read_table(cls_data / "dev.tsv")
+    if task == "classification":
+        model = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=2)
+        model.config.pad_token_id = tok.pad_token_id
+        dataset = data.encode(table, data.resolve_columns(table), tok, max_length=64,
+                              label_names=["0", "1"])
+        dataset.left_pad = True
+    else:
+        model = AutoModelForCausalLM.from_pretrained(tiny_model)
+        columns = data.Columns("causal-lm", text=("sentence",))
+        dataset = data.encode(table, columns, tok, max_length=16)
+    model.eval()
+    with torch.no_grad():
+        plain = evaluate(model, dataset, tok.pad_token_id, 8, torch.device("cpu"))
+        # the model's own mean loss over the same examples, one example at a time
+        own = []
+        for example in dataset.examples:
+            batch = data.collate([example], tok.pad_token_id, left=dataset.left_pad)
+            own.append((model(**batch).loss.item(), int((batch["labels"][:, 1:] != -100).sum())
+                        if task == "causal-lm" else 1))
+    mean = sum(loss * n for loss, n in own) / sum(n for _, n in own)
+    assert plain["loss"] == pytest.approx(mean, rel=1e-4)
+    forward = model.forward
+
+    def with_extra_term(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        if out.loss is not None:
+            out.loss = out.loss + 5.0
+        return out
+
+    model.forward = with_extra_term
+    with torch.no_grad():
+        again = evaluate(model, dataset, tok.pad_token_id, 8, torch.device("cpu"))
+    assert again == plain

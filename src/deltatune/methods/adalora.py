@@ -33,7 +33,8 @@ t (from 1), following peft's ``RankAllocator``:
 
 The orthogonality regulariser ``w · mean(‖AAᵀ − I‖_F, ‖BᵀB − I‖_F)`` over the adapter's
 matrices (the reference code's and peft's form; the paper writes squared norms) is added to the
-loss explicitly (peft adds it inside the model's forward)::
+loss explicitly, during training only (peft adds it inside the model's forward whenever labels
+are passed, evaluation included, so a loss or perplexity read from peft's output carries it)::
 
     model = dt.inject(model, dt.AdaLoraConfig(rank=12, target_rank=8, total_steps=n_steps,
                                               tinit=200, tfinal=500, delta_t=10), name="ada")

@@ -349,6 +349,10 @@ def evaluate(model: nn.Module, dataset: Dataset, pad_id: int, batch_size: int,
 
     Classification: ``accuracy``, ``f1``, ``mcc``, ``loss``. Causal LM: ``perplexity`` (from
     the mean token loss), ``token_accuracy`` (next-token argmax), ``loss``.
+
+    The loss is the cross-entropy of the logits, computed here: the model is called without
+    labels, so terms a model adds to its own loss (HF peft's AdaLoRA adds its orthogonality
+    regulariser in eval mode too; auxiliary losses) never enter the metrics.
     """
     n = len(dataset)
     loss_sum, weight = 0.0, 0
@@ -360,18 +364,21 @@ def evaluate(model: nn.Module, dataset: Dataset, pad_id: int, batch_size: int,
             batch = collate(dataset.examples[start:start + batch_size], pad_id,
                             left=dataset.left_pad)
             batch = {k: v.to(device) for k, v in batch.items()}
-            out = model(**batch)
+            out = model(**{k: v for k, v in batch.items() if k != "labels"})
             if dataset.task == "classification":
-                count = batch["labels"].numel()
-                preds.append(out.logits.argmax(-1).cpu())
-                labels.append(batch["labels"].cpu())
+                logits, target = out.logits, batch["labels"]
+                count = target.numel()
+                preds.append(logits.argmax(-1).cpu())
+                labels.append(target.cpu())
             else:
                 target = batch["labels"][:, 1:]
                 valid = target != -100
                 count = int(valid.sum())
                 logits = out.logits[:, -batch["labels"].shape[1]:][:, :-1]  # past any prompt
                 correct += int(((logits.argmax(-1) == target) & valid).sum())
-            loss_sum += out.loss.item() * count
+            flat = logits.float().reshape(-1, logits.shape[-1])
+            loss_sum += nn.functional.cross_entropy(flat, target.reshape(-1), ignore_index=-100,
+                                                    reduction="sum").item()
             weight += count
             b.update()
     mean = loss_sum / max(weight, 1)
