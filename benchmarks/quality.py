@@ -13,15 +13,19 @@ Rows: full fine-tuning, a trained head only, training from scratch, every regist
 method (the ones the issue names with chosen settings, the others with their defaults), and
 HF peft's version of LoRA (q,v and all-linear), DoRA, AdaLoRA, VeRA, IA3, LN tuning, prefix and
 prompt tuning, trained by the same loop on the same data and seeds at their twin's learning rate.
+Which rows run where is a budget decision (``TASKS`` below): every row on Shakespeare and AG
+News, the peft twins on both, the methods the issue does not name on Shakespeare; SST-2, RTE
+and CoLA run the screen rows (full, head, scratch, LoRA all-linear) at longer budgets.
 
 Protocol per (method, task) cell (``_quality/cells.py``): a 3-point learning-rate sweep of
 short runs scored on a validation split carved out of train (extended by up to two more points
 past an end of the grid that wins), then 3 seeds at the best rate, each scored on the full test
-set. A peft row takes its deltatune twin's rate: the same runs, another implementation.
-Training: AdamW, 6% warm-up then linear decay, clipping at 1,
-bf16 autocast with fp32 weights (CPU), batches of similar length. Classification reads the last
-token (HF ``LlamaForSequenceClassification``); its new head is trained with every method and
-counted apart ("params (excl. head)").
+set. A peft row takes its deltatune twin's rate: the same runs, another implementation; RTE and
+CoLA take each row's rate from its SST-2 sweep. Training: AdamW, 6% warm-up then linear decay,
+clipping at 1, bf16 autocast with fp32 weights (CPU), batches of similar length.
+Classification reads the last token (HF ``LlamaForSequenceClassification``); its new head is
+trained with every method and counted apart ("params (excl. head)"). Each cell runs in a new
+process and first measures its training memory (a few steps on the same batches for every row).
 
 Everything is written as it finishes (``results/quality/runs``, ``cells``); running the
 command again resumes and skips finished work. The report: ``quality.md``, ``quality.json``,
@@ -30,7 +34,7 @@ command again resumes and skips finished work. The report: ``quality.md``, ``qua
     python benchmarks/quality.py                      # the full table (2 cores: see README)
     python benchmarks/quality.py --estimate           # the plan and the time estimate only
     python benchmarks/quality.py --quick              # a few-minute smoke run
-    python benchmarks/quality.py --tasks sst2,rte --methods full,lora-qv,peft:lora-qv
+    python benchmarks/quality.py --tasks agnews --methods full,lora-qv,peft:lora-qv
 """
 
 from __future__ import annotations
@@ -258,7 +262,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         data[t.name] = (t, cells_mod.task_data(t, protocol.model, protocol.data_dir,
                                                protocol.max_train, protocol.max_test))
         load[t.name] = time.perf_counter() - t0
-    costs = dataclasses.replace(plan_mod.measure(args.model, protocol), load=load)
+    costs = dataclasses.replace(plan_mod.measure(args.model, protocol), load=load,
+                                contention=plan_mod.CONTENTION if workers > 1 else 1.0)
     text, estimate = plan_mod.describe(data, cells, protocol, costs, workers)
     print(text, flush=True)
     todo = [(name, m) for name, m in cells

@@ -70,6 +70,21 @@ def _count(n: int | None) -> str:
     return f"{n:,}"
 
 
+def _versus(cell: dict[str, Any] | None, full: dict[str, Any] | None) -> tuple[str, str]:
+    """``(memory, time per step)`` of a cell, each with its ratio to full fine-tuning's."""
+    shown = []
+    for key, unit, fmt in (("peak_memory_bytes", 2**20, "{:.0f}"), ("seconds_per_step", 1e-3,
+                                                                      "{:.0f}")):
+        value = (cell or {}).get(key)
+        ref = (full or {}).get(key)
+        if not value:
+            shown.append("—")
+            continue
+        text = fmt.format(value / unit)
+        shown.append(f"{text} ({value / ref:.2f}×)" if ref else text)
+    return shown[0], shown[1]
+
+
 def relative(metric: str, value: float, full: float) -> float:
     """Share of full fine-tuning's score (perplexity: full's perplexity over this one)."""
     if metric == "perplexity":
@@ -79,12 +94,15 @@ def relative(metric: str, value: float, full: float) -> float:
 
 def tables(summaries: Sequence[dict[str, Any]], tasks: Sequence[tuple[str, str]]
            ) -> dict[str, str]:
-    """Markdown: the main table, the details (LR, memory, time per step) and the peft one."""
+    """Markdown: the main table (with memory and time per step on the first task, where every
+    row runs), the details (LR, memory, time per step) and the peft one."""
     by = {(s["task"], s["label"]): s for s in summaries}
     labels = list(dict.fromkeys(s["label"] for s in summaries))
+    first = tasks[0][0] if tasks else None
     head = "| method | params (excl. head) | % of base | " + " | ".join(
-        f"{t} {m}{' ↓' if not HIGHER[m] else ''}" for t, m in tasks) + " | ≥95% of full |"
-    lines = [head, "|" + "---|" * (len(tasks) + 4)]
+        f"{t} {m}{' ↓' if not HIGHER[m] else ''}" for t, m in tasks) + (
+        f" | ≥95% of full | {first} memory, MiB (× full) | {first} ms/step (× full) |")
+    lines = [head, "|" + "---|" * (len(tasks) + 6)]
     for label in labels:
         cells = [by.get((t, label)) for t, _ in tasks]
         any_ok = next((c for c in cells if c and "delta_params" in c), None)
@@ -99,9 +117,10 @@ def tables(summaries: Sequence[dict[str, Any]], tasks: Sequence[tuple[str, str]]
         kind = any_ok["kind"] if any_ok else None
         share = "" if params is None or kind == "base" else f"{100 * params / BASE_PARAMS:.3f}%"
         shown = {"head": "head only", "base": "none (untrained)"}.get(kind, _count(params))
+        memory, step = _versus(by.get((first, label)), by.get((first, "full")))
         lines.append(f"| {label} | {shown} | {share} | "
                      + " | ".join(_fmt(m, c) for (_, m), c in zip(tasks, cells, strict=True))
-                     + f" | {sum(reach)}/{len(reach)} |")
+                     + f" | {sum(reach)}/{len(reach)} | {memory} | {step} |")
     detail = ["Peak memory: the resident set's peak over the model as built, during "
               f"{PROBE_STEPS} training steps on the same batches for every row of a task, each "
               "cell in a new process (gradients, optimizer state, activations; CPU, bf16 "
