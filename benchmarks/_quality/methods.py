@@ -18,7 +18,8 @@ from torch import nn
 
 #: LoRA-like learning-rate grid; the others are shifted versions of it. The runs are short
 #: (a few dozen steps), which favours rates above the usual long-run ones: a first full run
-#: (AG News, 60 steps) chose the top of a grid one step lower for every LoRA-like row.
+#: (AG News, 60 steps) chose the top of a grid one step lower for every LoRA-like row. A task
+#: may shift every grid (``TaskSpec.lr_scale``: Shakespeare's are 4× higher).
 LORA_LRS = (1e-3, 4e-3, 1.6e-2)
 SMALL_LRS = (1e-3, 4e-3, 1.6e-2)  # per-channel vectors, tokens, tiny deltas
 TINY_LRS = (2e-3, 8e-3, 3.2e-2)  # very few parameters (IA3, VeRA, prompt, r×r cores)
@@ -58,9 +59,8 @@ class MethodSpec:
 
 
 def _adalora(steps: int) -> dict[str, Any]:
-    # init_std=0.02: peft's initialisation of P and Q (ours defaults to 1/√width, which a first
-    # run found 117 vs peft's 144 Shakespeare perplexity at the same rate: a different start,
-    # not the same runs)
+    # init_std=0.02: peft's initialisation of P and Q (ours defaults to 1/√width), so that the
+    # peft twin makes the same runs
     return {"rank": 12, "target_rank": 8, "alpha": 12, "total_steps": steps,
             "tinit": steps // 10, "tfinal": steps // 5, "delta_t": max(1, steps // 20),
             "init_std": 0.02}
