@@ -109,6 +109,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--extra-tasks", default=",".join(EXTRA_TASKS),
                     help="tasks that get the registered methods the issue does not name "
                     "('all' for every task)")
+    ap.add_argument("--all-rows", action="store_true",
+                    help="every row on every task, the screen tasks too (about 1.8 hours from "
+                    "scratch on 2 cores, 45 min more after the default table: see --estimate)")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--steps-scale", type=float, default=1.0,
                     help="multiply every task's step count (e.g. 2 for longer runs)")
@@ -151,9 +154,12 @@ def select_methods(arg: str | None) -> list[methods_mod.MethodSpec]:
 
 
 def scaled_tasks(args: argparse.Namespace) -> dict[str, TaskSpec]:
-    """Every task with the run's step count (``--steps-scale``, ``--quick``)."""
+    """Every task with the run's step count (``--steps-scale``, ``--quick``) and rows
+    (``--all-rows``)."""
     scale = args.steps_scale * (0.4 if args.quick else 1.0)
-    return {t.name: dataclasses.replace(t, steps=max(4, round(t.steps * scale))) for t in TASKS}
+    rows = {"rows": "all"} if args.all_rows else {}
+    return {t.name: dataclasses.replace(t, steps=max(4, round(t.steps * scale)), **rows)
+            for t in TASKS}
 
 
 def select_tasks(args: argparse.Namespace) -> list[TaskSpec]:

@@ -255,3 +255,19 @@ def test_every_cell_runs_in_a_new_process_and_measures_memory(setup, quality):
         cell = json.loads((out / "cells" / f"shakespeare__{s['label']}.json").read_text())
         assert cell["memory"]["steps"] == quality.cells_mod.PROBE_STEPS
     assert "peak memory" in (out / "quality.md").read_text()
+
+
+def test_screen_tasks_run_the_screen_rows_unless_all_rows(quality):
+    """SST-2, RTE and CoLA run the baselines and LoRA by default; ``--all-rows`` runs every
+    row there too (and changes nothing else)."""
+    rows = {m.label: m for m in quality.methods_mod.all_methods()}
+    default = {t.name: t for t in quality.select_tasks(quality.parse_args([]))}
+    every = {t.name: t for t in quality.select_tasks(quality.parse_args(["--all-rows"]))}
+    peft, extra = set(quality.PEFT_TASKS), set(quality.EXTRA_TASKS)
+    for name in ("sst2", "rte", "cola"):
+        chosen = {m for m in rows if quality.on_task(default[name], rows[m], peft, extra)}
+        assert chosen == set(quality.SCREEN_ROWS)
+        assert quality.on_task(every[name], rows["dora"], peft, extra)
+        assert every[name] == dataclasses.replace(default[name], rows="all")
+    assert default["rte"].lr_from == default["cola"].lr_from == "sst2"
+    assert every["agnews"] == default["agnews"]
