@@ -240,7 +240,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     task_list = [(t.name, t.metric) for t in tasks]
     labels = [m.label for m in methods]
     borrowed = [f"{t.name} from {t.lr_from}" for t in tasks if t.lr_from]
-    screen = [t.name for t in tasks if t.rows == "screen"]
+    # a screen task whose every row ran (an --all-rows invocation) is reported as such
+    ran = {path.stem.split("__")[0] for path in (out / "cells").glob("*__*.json")
+           if path.stem.split("__")[1] not in SCREEN_ROWS}
+    screen = [t.name for t in tasks if t.rows == "screen" and t.name not in ran]
     header = (f"model `{Path(args.model).name}`; {seeds} seeds; LR chosen per cell on a "
               f"validation split carved out of train (sweep runs {args.sweep_fraction:.2g}× the "
               "final length" + (f"; rates taken: {', '.join(borrowed)}" if borrowed else "")
