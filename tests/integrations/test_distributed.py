@@ -46,11 +46,21 @@ def single_process() -> tuple[list[float], dict[str, torch.Tensor]]:
     return losses, adapter_tensors(model, "task")
 
 
+ABORT = "terminate called without an active exception"
+
+
 def torchrun(mode: str, out: Path) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(HERE / "dist_worker.py"), mode, str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    for _ in range(2):
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        # a worker aborted by the C++ runtime while gloo starts its threads (seen once in ~10
+        # clean-clone runs on 2 cores, right after import, before any of our code ran): start
+        # again once; a Python error or a wrong result still fails at the first attempt
+        before_abort = proc.stderr.split(ABORT)[0]
+        if proc.returncode == 0 or ABORT not in proc.stderr or "Traceback" in before_abort:
+            break
     if proc.returncode != 0:
         pytest.fail(f"torchrun {mode} failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}")
     return json.loads((out / "result.json").read_text())
