@@ -137,11 +137,13 @@ def assert_resume_is_bit_identical(build: Callable[[], nn.Module],
                                    rebuild: Callable[[], nn.Module],
                                    make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
                                    name: str, batches: list, train: Callable, directory,
-                                   split: int = 4) -> nn.Module:
+                                   split: int = 4, on_resume: Callable | None = None
+                                   ) -> nn.Module:
     """Train ``build()`` straight through ``batches``, and again with a checkpoint after
     ``split`` batches resumed into ``rebuild()`` (``checkpoint_and_resume``); assert equal
     losses at every step and equal parameters at the end. ``train(model, optimizer, scheduler,
-    batches)`` returns the losses. Returns the resumed model."""
+    batches)`` returns the losses; ``on_resume(model, optimizer, scheduler)`` checks the state
+    right after the resume. Returns the resumed model."""
     straight = build()
     opt = make_optimizer(straight)
     want = train(straight, opt, dt.Scheduler(straight, opt), batches)
@@ -151,6 +153,8 @@ def assert_resume_is_bit_identical(build: Callable[[], nn.Module],
     got = train(first, opt, sched, batches[:split])
     fresh, opt, sched = checkpoint_and_resume(first, opt, sched, name, rebuild, make_optimizer,
                                               directory)
+    if on_resume is not None:
+        on_resume(fresh, opt, sched)
     got += train(fresh, opt, sched, batches[split:])
     assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
     ours = dict(fresh.named_parameters())

@@ -15,7 +15,13 @@ from torch import nn
 import deltatune as dt
 from deltatune.core.lifecycle import delta_layers
 from deltatune.methods.adalora import AdaLoraConfig, AdaLoraSchedule, orthogonal_regularization
-from helpers import assert_differs, assert_rel_close, perturb, rel_err
+from helpers import (
+    assert_differs,
+    assert_rel_close,
+    assert_resume_is_bit_identical,
+    perturb,
+    rel_err,
+)
 from zoo import CASES_BY_NAME, run
 
 TOL = 1e-5
@@ -330,32 +336,12 @@ def test_training_reaches_the_target_budget_then_fine_tunes_the_pruned_adapter(t
 
 @pytest.mark.parametrize("stop", [5, 10], ids=["while-decreasing", "after-pruning"])
 def test_resuming_from_a_checkpoint_is_bit_identical(tmp_path, stop):
-    batches = data(12)
-    reference = llama_adalora()
-    opt = adamw(reference)
-    straight = train(reference, opt, dt.Scheduler(reference, opt), batches)
+    def resumed_at_stop(model, optimizer, scheduler):
+        assert scheduler.num_steps == stop
 
-    model = llama_adalora()
-    opt = adamw(model)
-    scheduler = dt.Scheduler(model, opt)
-    first = train(model, opt, scheduler, batches[:stop])
-    dt.save(model, tmp_path / "adapter", name="ada")
-    torch.save(opt.state_dict(), tmp_path / "optimizer.pt")
-    scheduler.save(tmp_path / "schedule")
-    del model, opt, scheduler
-
-    fresh = LLAMA.build(seed=0)
-    dt.load(fresh, tmp_path / "adapter", trainable=True)
-    opt = adamw(fresh)
-    opt.load_state_dict(torch.load(tmp_path / "optimizer.pt"))
-    scheduler = dt.Scheduler(fresh, opt)
-    scheduler.load(tmp_path / "schedule")
-    assert scheduler.num_steps == stop
-    rest = train(fresh, opt, scheduler, batches[stop:])
-    assert all(torch.equal(a, b) for a, b in zip(straight, first + rest, strict=True))
-    mine = dict(fresh.named_parameters())
-    for key, p in reference.named_parameters():
-        assert torch.equal(mine[key], p), key
+    assert_resume_is_bit_identical(llama_adalora, lambda: LLAMA.build(seed=0), adamw, "ada",
+                                   data(12), train, tmp_path, split=stop,
+                                   on_resume=resumed_at_stop)
 
 
 @pytest.mark.slow  # transformers' Trainer takes seconds to set up on CPU
