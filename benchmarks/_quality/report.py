@@ -73,15 +73,12 @@ def _count(n: int | None) -> str:
 def _versus(cell: dict[str, Any] | None, full: dict[str, Any] | None) -> tuple[str, str]:
     """``(memory, time per step)`` of a cell, each with its ratio to full fine-tuning's."""
     shown = []
-    for key, unit, fmt in (("peak_memory_bytes", 2**20, "{:.0f}"), ("seconds_per_step", 1e-3,
-                                                                      "{:.0f}")):
-        value = (cell or {}).get(key)
-        ref = (full or {}).get(key)
+    for key, unit in (("peak_memory_bytes", 2**20), ("seconds_per_step", 1e-3)):  # MiB, ms
+        value, ref = (cell or {}).get(key), (full or {}).get(key)
         if not value:
             shown.append("—")
-            continue
-        text = fmt.format(value / unit)
-        shown.append(f"{text} ({value / ref:.2f}×)" if ref else text)
+        else:
+            shown.append(f"{value / unit:.0f}" + (f" ({value / ref:.2f}×)" if ref else ""))
     return shown[0], shown[1]
 
 
