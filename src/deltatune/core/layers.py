@@ -54,6 +54,7 @@ from torch.func import functional_call
 
 from .delta import Delta
 from .geometry import LayerInfo, read_param
+from .recompute import lean_inputs
 
 
 class DeltaLayer(nn.Module):
@@ -218,13 +219,15 @@ class DeltaLayer(nn.Module):
             return self.base_layer(x, *args, **kwargs)
         if self._simple:
             y = self.base_layer(x, *args, **kwargs)
-            for delta in plan:
-                y = delta.forward(x, y)
+            with lean_inputs(x):  # deltas save a recipe for x, not x (core.recompute)
+                for delta in plan:
+                    y = delta.forward(x, y)
             return y
         try:
-            if self._mix is not None:  # rows choose different deltas (core.per_sample)
-                return self._mix.forward(self, x, args, kwargs)
-            return self._compose(x, args, kwargs)
+            with lean_inputs(x):
+                if self._mix is not None:  # rows choose different deltas (core.per_sample)
+                    return self._mix.forward(self, x, args, kwargs)
+                return self._compose(x, args, kwargs)
         finally:
             self._tapped.clear()  # never keep activations alive past the call
 
