@@ -52,6 +52,22 @@ def llama(dtype=torch.float32, layers=2):
 IDS = torch.randint(0, 128, (2, 64), generator=torch.Generator().manual_seed(0))
 
 
+def gpt2(dtype=torch.float32):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=128, n_embd=128, n_layer=2, n_head=4,
+                                      bos_token_id=0, eos_token_id=0)).to(dtype)
+
+
+def bert(dtype=torch.float32):
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(0)
+    return BertForMaskedLM(BertConfig(vocab_size=128, hidden_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, intermediate_size=512)).to(dtype)
+
+
 def kept_after_forward(model) -> int:
     """Bytes of what one forward leaves alive for the backward (the loss's graph)."""
     with TensorMemory() as mem:
@@ -62,20 +78,30 @@ def kept_after_forward(model) -> int:
     return kept
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_lora_on_every_linear_layer_keeps_what_the_frozen_model_keeps(dtype):
-    floor = llama(dtype)
+#: (model, dtype, LoRA targets, most kept × the floor with recipes, least without them).
+#: Llama: every input of an adapted layer has a recipe (but layer 0's first norm, which reads
+#: the frozen embeddings); GPT-2 and BERT: the GELU outputs have one, LayerNorm outputs not.
+KEEPS = {
+    "llama-fp32": (llama, torch.float32, "all-linear", 1.04, 1.25),
+    "llama-bf16": (llama, torch.bfloat16, "all-linear", 1.04, 1.2),
+    "gpt2-fp32": (gpt2, torch.float32, ["c_attn", "c_proj", "c_fc"], 1.07, 1.15),
+    "bert-fp32": (bert, torch.float32, "all-linear", 1.10, 1.25),
+}
+
+
+@pytest.mark.parametrize("case", list(KEEPS))
+def test_lora_on_every_linear_layer_keeps_about_what_the_frozen_model_keeps(case):
+    build, dtype, targets, most, least = KEEPS[case]
+    floor = build(dtype)
     floor.requires_grad_(False)
     floor.get_input_embeddings().weight.requires_grad_(True)  # the floor: backward to the bottom
     lean = kept_after_forward(floor)
-    model = dt.inject(llama(dtype), dt.LoraConfig(rank=8, targets="all-linear"))
+    model = dt.inject(build(dtype), dt.LoraConfig(rank=8, targets=targets))
     with saving_inputs():
         saving = kept_after_forward(model)
     kept = kept_after_forward(model)
-    # Without recipes LoRA keeps each layer's input: the norm outputs and the SwiGLU product.
-    assert saving > 1.15 * lean
-    # With them: only LoRA's own (…, r) activations beyond the floor.
-    assert kept < 1.05 * lean
+    assert saving > least * lean  # each adapted layer's input, kept for LoRA's ∂L/∂A
+    assert kept < most * lean  # with recipes: LoRA's own (…, r) activations, and what has none
     equal_runs(model, {"input_ids": IDS})
 
 

@@ -4,22 +4,24 @@ base model's autograd graph keeps anyway.
 A frozen linear layer keeps only its weight for backward (``∂L/∂x = g W``); a delta beside it
 needs its input too (LoRA's ``∂L/∂A = (s Bᵀ g)ᵀ x``), and on a Llama block the inputs of the
 adapted layers are activations nobody else keeps: the two RMSNorm outputs and the SwiGLU
-product ``silu(gate) · up`` (the attention output is a view of what attention keeps). That is
-1.3× the frozen block's saved activations for LoRA on every linear layer. Each of those inputs
-is one cheap elementwise step from tensors the graph does keep (the norm's ``h · rsqrt(…)``
-operands, the product's two factors), so the deltas save a *recipe* instead of the tensor.
+product ``silu(gate) · up`` (the attention output is a view of what attention keeps); on BERT,
+ViT or GPT-2, the GELU output. LoRA on every linear layer of Llama then keeps 1.3× the frozen
+model's activations. Each of those inputs is one cheap elementwise step from tensors the graph
+does keep (the norm's ``h · rsqrt(…)`` operands, the product's two factors, GELU's input), so
+deltas save a *recipe* instead of the tensor.
 
 ``lean_inputs(x)`` returns a context in which every tensor autograd saves that is ``x`` (or a
-reshape of it) is packed as that recipe; any other tensor is saved as usual (with its in-place
-modification check kept). The recipe walks ``x.grad_fn`` through elementwise multiplications
-and dtype casts (to the dtype the node records for its output) down to tensors saved by those
-nodes, is verified once per graph shape (node kinds and dtypes) against ``x`` itself
-(bit-identical, or it is never used), and in backward recomputes ``x`` once for
-all the deltas that read it. Gradients are bit-identical to saving ``x``.
+reshape of it) is packed as that recipe; any other tensor is saved as usual (its in-place
+modification check kept). A recipe re-runs the very operators ``x.grad_fn`` recorded —
+elementwise products, activations that keep their input (GELU, SiLU), dtype casts to the dtype
+the node recorded — on the very tensors those nodes saved, so it reproduces ``x`` bit for bit
+at any shape; it is also checked against ``x`` once per graph shape (node kinds and dtypes)
+and never used if it differs. In backward ``x`` is recomputed once for all the deltas reading
+it and dropped after the last. Gradients are bit-identical to saving ``x``.
 
 It stands aside (``x`` is saved as usual) when autograd does not record, inside
-``torch.compile`` (the partitioner makes this choice there), under other saved-tensor hooks
-(activation checkpointing, offloading), when ``x`` has no such recipe, and inside
+``torch.compile`` (its partitioner makes this choice there), under other saved-tensor hooks
+(activation checkpointing, offloading), where ``x`` has no recipe, and inside
 ``saving_inputs()``.
 """
 
@@ -32,6 +34,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.graph import saved_tensors_hooks
 
@@ -104,7 +107,21 @@ def _to_copy(node: Any, depth: int, sig: list) -> Callable[[], Tensor] | None:
     return None if part is None else (lambda: part().to(dtype))
 
 
-_RULES = {"MulBackward0": _mul, "ToCopyBackward0": _to_copy}
+def _activation(fn: Callable[..., Tensor], *options: str):
+    """An activation whose node keeps its input (``_saved_self``): applied to it again."""
+    def rule(node: Any, depth: int, sig: list) -> Callable[[], Tensor] | None:
+        saved = node._saved_self
+        if not isinstance(saved, Tensor):
+            return None
+        kwargs = {k: getattr(node, f"_saved_{k}") for k in options}
+        sig += (saved.dtype, *kwargs.values())
+        return lambda: fn(node._saved_self, **kwargs)
+    return rule
+
+
+_RULES = {"MulBackward0": _mul, "ToCopyBackward0": _to_copy,
+          "GeluBackward0": _activation(F.gelu, "approximate"),
+          "SiluBackward0": _activation(F.silu)}
 
 
 def _build(node: Any, depth: int, sig: list) -> Callable[[], Tensor] | None:
