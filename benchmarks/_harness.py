@@ -25,6 +25,7 @@ there (a spawned child re-imports the script, which creates its suite again).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import ctypes
 import datetime
@@ -55,7 +56,7 @@ except ImportError:  # pragma: no cover - optional dependency
     tqdm = None
 
 import deltatune as dt
-from deltatune.train.memory import proc_status
+from deltatune.train.memory import TensorMemory, proc_status
 
 try:
     import transformers
@@ -130,24 +131,47 @@ class Runner:
     #: its schedule's call after ``optimizer.step()`` (AdaLoRA's budget, DyLoRA's rank …).
     extra_loss: Callable[[], Tensor | float] | None = None
     after_step: Callable[[], None] | None = None
+    #: a context every training step runs in (e.g. ``recompute.saving_inputs``)
+    context: Callable[[], contextlib.AbstractContextManager] | None = None
 
     def step(self) -> Tensor:
         if self.kind == "infer":
             with torch.no_grad():
                 return self.model(input_ids=self.ids).logits
+        with self.context() if self.context is not None else contextlib.nullcontext():
+            loss, total = self.forward()
+            total.backward()
+            self.finish()
+        return loss  # the task loss (the sanity check compares first losses across methods)
+
+    def forward(self) -> tuple[Tensor, Tensor]:
+        """A training step's forward: (the task loss, the loss to back-propagate)."""
         if self.embeds is not None:
             self.embeds.grad = None
             loss = self.model(inputs_embeds=self.embeds, labels=self.ids).loss
-            loss.backward()
-            return loss
+            return loss, loss
         loss = self.model(input_ids=self.ids, labels=self.ids).loss
-        total = loss if self.extra_loss is None else loss + self.extra_loss()
-        total.backward()
+        return loss, (loss if self.extra_loss is None else loss + self.extra_loss())
+
+    def finish(self) -> None:
+        """A training step after its backward: the optimizer's step and the method's."""
+        if self.optimizer is None:
+            return
         self.optimizer.step()
         if self.after_step is not None:
             self.after_step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss  # the task loss (the sanity check compares first losses across methods)
+
+    def kept_bytes(self) -> int:
+        """Tensor storage one training forward leaves alive for its backward (exact, any
+        device: ``TensorMemory``); the step is then completed without the optimizer's update."""
+        context = self.context() if self.context is not None else contextlib.nullcontext()
+        with context, TensorMemory() as mem:
+            _, total = self.forward()
+            kept = mem.current_bytes
+            total.backward()
+        self.model.zero_grad(set_to_none=True)
+        return kept
 
 
 def build_base(s: Settings) -> nn.Module:
@@ -235,6 +259,9 @@ DEFINITIONS = {
                          "CPU: resident set size, CUDA: max_memory_allocated",
     "memory.resident_before_step_bytes": "weights, optimizer state and inputs held between steps",
     "memory.step_increase_bytes": "peak minus resident: activations, gradients, temporaries",
+    "memory.kept_bytes": "tensor storage a training forward leaves alive for its backward, "
+                         "counted exactly (deltatune.train.memory.TensorMemory; not under "
+                         "--compile): activations, without allocator caching",
     "ratios": "time: median / reference median; memory: peak / reference peak; reference = "
               "floor (training) or infer_base (inference); peer = the peft case",
     "sanity.minor_page_faults_per_step_median": "fresh 4 KiB pages the timing process took from "
@@ -499,9 +526,12 @@ def measure_memory(s: Settings, case: Case) -> dict[str, Any]:
             result = runner.step()
         peak, method = sampler.peak, "rss_sampled_every_0.5ms"
     del result
-    return {"peak_bytes": peak - baseline, "resident_before_step_bytes": before - baseline,
-            "step_increase_bytes": peak - before, "baseline_bytes": baseline, "method": method,
-            "malloc_pinned": pinned}
+    out = {"peak_bytes": peak - baseline, "resident_before_step_bytes": before - baseline,
+           "step_increase_bytes": peak - before, "baseline_bytes": baseline, "method": method,
+           "malloc_pinned": pinned}
+    if case.kind == "train" and not s.compile:  # a compiled graph runs under no dispatch mode
+        out["kept_bytes"] = runner.kept_bytes()
+    return out
 
 
 def _memory_child(settings: dict[str, Any], suite: str, name: str, conn: Any) -> None:
@@ -575,8 +605,8 @@ def assemble(s: Settings, suite: Suite, cases: list[Case], times: dict[str, list
     def median(name: str) -> float | None:
         return results[name]["time"]["median_s"] if name in results else None
 
-    def peak(name: str) -> float | None:
-        return results.get(name, {}).get("memory", {}).get("peak_bytes")
+    def peak(name: str, key: str = "peak_bytes") -> float | None:
+        return results.get(name, {}).get("memory", {}).get(key)
 
     for name, entry in results.items():
         ref = REFERENCE[entry["kind"]]
@@ -584,10 +614,14 @@ def assemble(s: Settings, suite: Suite, cases: list[Case], times: dict[str, list
             "reference": ref,
             "time_vs_reference": ratio(median(name), median(ref)),
             "memory_vs_reference": ratio(peak(name), peak(ref)),
+            "kept_vs_reference": ratio(peak(name, "kept_bytes"), peak(ref, "kept_bytes")),
         }
         if entry["peer"] in results:
-            entry["ratios"].update(time_vs_peer=ratio(median(name), median(entry["peer"])),
-                                   memory_vs_peer=ratio(peak(name), peak(entry["peer"])))
+            peer = entry["peer"]
+            entry["ratios"].update(
+                time_vs_peer=ratio(median(name), median(peer)),
+                memory_vs_peer=ratio(peak(name), peak(peer)),
+                kept_vs_peer=ratio(peak(name, "kept_bytes"), peak(peer, "kept_bytes")))
     return {"benchmark": suite.name, "created": datetime.datetime.now().isoformat(
         timespec="seconds"), "environment": env, "settings": asdict(s),
         "definitions": {**DEFINITIONS, **suite.definitions}, "cases": results, "sanity": sanity}
@@ -669,7 +703,11 @@ def header_lines(report: dict[str, Any], title: str, note: str) -> list[str]:
         f"{s['warmup']} warm-up + {s['steps']} measured steps per case, interleaved (shuffled "
         f"rounds); malloc: {env.get('malloc_timing', 'default')}.  ",
         f"{note} Times: median (min, IQR spread); memory: peak during one step "
-        "minus the post-import baseline, each case in a fresh process.  ",
+        "minus the post-import baseline, each case in a fresh process"
+        + ("; kept: the tensor storage a training forward leaves alive for its backward, "
+           "counted exactly (`TensorMemory`)" if any(
+               "kept_bytes" in c["memory"] for c in report["cases"].values()) else "")
+        + ".  ",
         f"1-minute load average: {fmt_load(env['load_avg_1m_start'])} at the start, "
         f"{fmt_load(env['load_avg_1m_end'])} at the end (this run adds about the thread "
         f"count); {report['created']}.",
@@ -683,12 +721,22 @@ TABLES = (("train", "Training step (fwd + bwd + AdamW)", "floor"),
           ("infer", "Inference (no_grad forward)", "base"))
 
 
+#: What a training forward keeps for backward (exact): MiB, × the floor, vs peft.
+KEPT_COLUMNS: tuple[Column, ...] = (
+    ("kept MiB", "---:", lambda c: fmt_mib(c["memory"].get("kept_bytes"))),
+    ("kept × floor", "---:", lambda c: fmt_x(c["ratios"].get("kept_vs_reference"))),
+    ("kept vs peft", "---:", lambda c: fmt_x(c["ratios"].get("kept_vs_peer"))),
+)
+
+
 def table_lines(report: dict[str, Any], kind: str, title: str, ref: str,
                 extra: Sequence[Column] = ()) -> list[str]:
     """One results table (a ``## title`` section) for the cases of ``kind``; ``[]`` if none."""
     rows = {n: c for n, c in report["cases"].items() if c["kind"] == kind}
     if not rows:
         return []
+    if any("kept_bytes" in c["memory"] for c in rows.values()):
+        extra = (*KEPT_COLUMNS, *extra)
     lines = ["", f"## {title}", "",
              f"| case | median ms | min ms | spread | time × {ref} | time vs peft "
              f"| peak MiB | mem × {ref} | mem vs peft |"

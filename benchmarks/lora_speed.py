@@ -12,6 +12,9 @@ training (forward + backward + AdamW step on the trainable parameters)
 * ``full_ft``        full fine-tuning, every parameter trainable;
 * ``dt_lora_all`` / ``peft_lora_all``  LoRA r=16, alpha=32 on every linear layer but the head;
 * ``dt_lora_qv``  / ``peft_lora_qv``   the same on ``q_proj`` and ``v_proj`` only;
+* ``dt_lora_all_saving``  ours on every linear layer with each layer's input saved for
+  backward, as plain autograd does (``recompute.saving_inputs``): what the input recipes of
+  ``deltatune.core.recompute`` save, in time and memory;
 
 inference (``torch.no_grad()`` forward)
 
@@ -33,7 +36,9 @@ build the model and optimizer, run the warm-up steps, reset the peak counter, ru
 report the peak minus the baseline. On CPU the peak is the resident set size (Linux: write
 ``5`` to ``/proc/self/clear_refs`` to reset ``VmHWM``, then read it after the step; where that
 is unavailable, a sampling thread, flagged in the output); on CUDA it is
-``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``.
+``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``. Training cases then run
+one more forward under ``TensorMemory``, which counts the tensor storage it leaves alive for
+backward exactly ("kept": the activations, free of allocator caching, alike on any device).
 
 Every figure is also reported as a ratio to the floor (training) or the base (inference), and
 ours to peft's. Results go to ``<out>/lora_speed_<device>.json`` and ``.md``. The machinery
@@ -63,6 +68,7 @@ import _harness as h
 from _harness import Case, Runner, peft
 
 import deltatune as dt
+from deltatune.core.recompute import saving_inputs
 
 ADAPTER = "a"
 RANK, ALPHA = 16, 32
@@ -84,8 +90,13 @@ def _peft(targets: str | list[str]) -> Callable[[nn.Module], nn.Module]:
     return inject
 
 
-def _lora_train(adapt: Callable[[nn.Module], nn.Module]) -> Callable[[nn.Module, Tensor], Runner]:
-    return lambda base, ids: h.train_runner(adapt(base), ids)
+def _lora_train(adapt: Callable[[nn.Module], nn.Module], context=None
+                ) -> Callable[[nn.Module, Tensor], Runner]:
+    def build(base: nn.Module, ids: Tensor) -> Runner:
+        runner = h.train_runner(adapt(base), ids)
+        runner.context = context
+        return runner
+    return build
 
 
 @torch.no_grad()
@@ -137,6 +148,8 @@ CASES: tuple[Case, ...] = (
          peer="peft_lora_all"),
     Case("peft_lora_all", "peft LoRA all-linear", "train", _lora_train(_peft("all-linear")),
          needs_peft=True),
+    Case("dt_lora_all_saving", "deltatune LoRA all-linear, inputs saved", "train",
+         _lora_train(_dt("all-linear"), saving_inputs), peer="peft_lora_all"),
     Case("dt_lora_qv", "deltatune LoRA q,v", "train", _lora_train(_dt(QV)), peer="peft_lora_qv"),
     Case("peft_lora_qv", "peft LoRA q,v", "train", _lora_train(_peft(QV)), needs_peft=True),
     Case("infer_base", "base", "infer", h.base_infer_runner),

@@ -20,7 +20,8 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "lora_speed.py"
-TRAIN = ["floor", "full_ft", "dt_lora_all", "peft_lora_all", "dt_lora_qv", "peft_lora_qv"]
+TRAIN = ["floor", "full_ft", "dt_lora_all", "peft_lora_all", "dt_lora_all_saving", "dt_lora_qv",
+         "peft_lora_qv"]
 INFER = ["infer_base", "infer_dt_unmerged", "infer_peft_unmerged", "infer_dt_merged"]
 
 
@@ -45,6 +46,10 @@ def test_every_case_is_timed_and_measured(report: tuple[dict, Path]) -> None:
         assert "error" not in mem, (name, mem)
         assert isinstance(mem["peak_bytes"], int), name
         assert mem["peak_bytes"] >= mem["resident_before_step_bytes"] - 4 * 2**20, name
+        if name in TRAIN:  # counted exactly: what the forward keeps for backward
+            assert isinstance(mem["kept_bytes"], int) and mem["kept_bytes"] > 0, name
+        else:
+            assert "kept_bytes" not in mem, name
     env = data["environment"]
     for key in ("torch", "transformers", "peft", "device_name", "threads", "dtype",
                 "malloc_timing"):
@@ -65,6 +70,9 @@ def test_ratios_match_the_times(report: tuple[dict, Path]) -> None:
         ref_peak, peak = cases[ref]["memory"]["peak_bytes"], case["memory"]["peak_bytes"]
         if ref_peak > 0:
             assert math.isclose(ratios["memory_vs_reference"], peak / ref_peak, rel_tol=1e-9)
+        if name in TRAIN:
+            assert math.isclose(ratios["kept_vs_reference"], case["memory"]["kept_bytes"]
+                                / cases[ref]["memory"]["kept_bytes"], rel_tol=1e-9)
         if case["peer"] is not None:
             peer = case["peer"]
             assert peer.startswith(("peft_", "infer_peft_")), peer
@@ -85,6 +93,15 @@ def test_cases_compute_the_same_thing(report: tuple[dict, Path]) -> None:
     assert cases["floor"]["trainable_params"] == 0
     assert cases["dt_lora_all"]["trainable_params"] == cases["peft_lora_all"]["trainable_params"]
     assert cases["dt_lora_qv"]["trainable_params"] == cases["peft_lora_qv"]["trainable_params"]
+
+
+def test_input_recipes_keep_less_than_saving_the_inputs(report: tuple[dict, Path]) -> None:
+    """The same LoRA (its first loss equals every other case's, checked above): with
+    ``core.recompute``'s recipes the forward keeps less (no norm outputs, no SwiGLU product)."""
+    cases = report[0]["cases"]
+    lean, saving = cases["dt_lora_all"], cases["dt_lora_all_saving"]
+    assert lean["memory"]["kept_bytes"] < 0.9 * saving["memory"]["kept_bytes"]
+    assert lean["trainable_params"] == saving["trainable_params"]
 
 
 def test_markdown_table(report: tuple[dict, Path]) -> None:
