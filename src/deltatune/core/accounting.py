@@ -104,7 +104,7 @@ def cost(model: nn.Module, config: DeltaConfig) -> Cost:
     Raises:
         TargetError / ConfigError: as ``inject`` would.
     """
-    from .inject import build_delta, build_shared
+    from .inject import build_delta, build_shared, tie_deltas
 
     spec = get_method(config.method)
     cls = spec.delta_class
@@ -113,12 +113,13 @@ def cost(model: nn.Module, config: DeltaConfig) -> Cost:
                               cls.accepts)
     matcher = Matcher(model)
     shared = build_shared(cls, config, targets, matcher, device="meta")
-    unique_new = {}
-    for path, info in targets.items():
-        delta = build_delta(cls, matcher.modules[path], info,
-                            module_config(matcher, config, path), path, device="meta",
-                            shared=shared)
-        unique_new.update((id(p), p) for p in delta.parameters())
+    deltas = {path: build_delta(cls, matcher.modules[path], info,
+                                module_config(matcher, config, path), path, device="meta",
+                                shared=shared)
+              for path, info in targets.items()}
+    if cls.ties:
+        tie_deltas(deltas, matcher)
+    unique_new = {id(p): p for delta in deltas.values() for p in delta.parameters()}
     params = sum(p.numel() for p in unique_new.values())
     nbytes = sum(p.numel() * p.element_size() for p in unique_new.values())
     unique = {id(p): p for p in model.parameters()}.values()

@@ -90,6 +90,12 @@ class Delta(nn.Module):
     #: product): merging must start from the layer's own weights (nothing merged before it on
     #: the layer), and nothing may be merged into that weight while it is active unmerged.
     merges_first: ClassVar[bool] = False
+    #: Whether the deltas of one adapter on layers that share their base weight (an input
+    #: embedding tied to the output layer) share their parameters too: one ``ΔW`` for the one
+    #: weight, trained by both uses, merged and saved once (``core.inject.tie_deltas``).
+    #: Weight-form methods that change the weight itself set it; a method acting per layer
+    #: (LoRA's ``B A x``) keeps one delta per layer, as peft does.
+    ties: ClassVar[bool] = False
     #: The ``core.schedule.Schedule`` subclass that changes this method's deltas during
     #: training (AdaLoRA's budget, DyLoRA's rank sampling …); ``None``: nothing to schedule.
     schedule_class: ClassVar[type | None] = None

@@ -118,6 +118,8 @@ def attach(
         delta = build_delta(cls, base, info, module_config(matcher, config, path), path,
                             init=init, shared=shared)
         built.append((path, info, delta, _tap_modules(matcher, delta)))
+    if cls.ties:
+        tie_deltas({path: delta for path, _, delta, _ in built}, matcher)
     mode = combination(model)
     layers = delta_layers(model)
     for path, info, delta, taps in built:
@@ -140,6 +142,28 @@ def attach(
     else:
         activate(model, [*active_adapters(model), name], combine=mode)
     return model
+
+
+def tie_deltas(deltas: Mapping[str, Delta], matcher: Matcher) -> None:
+    """Make the deltas of layers sharing one base weight share their parameters: each takes
+    the first one's parameters of the same name and shape (``ΔW``; a bias the other layer
+    lacks stays its own). Autograd then sums both uses' gradients into the one ``ΔW``, as it
+    does for the tied weight itself; save and load write and read it once (shared tensors),
+    merge folds it once (``lifecycle``)."""
+    first: dict[int, Delta] = {}
+    for path, delta in deltas.items():
+        weight = getattr(matcher.modules[path], "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            continue
+        owner = first.setdefault(id(weight), delta)
+        if owner is delta:
+            continue
+        theirs = dict(owner.named_parameters())
+        for name, param in list(delta.named_parameters()):
+            other = theirs.get(name)
+            if other is not None and other.shape == param.shape:
+                module, _, leaf = name.rpartition(".")
+                setattr(delta.get_submodule(module), leaf, other)
 
 
 def _tap_modules(matcher: Matcher, delta: Delta) -> dict[str, nn.Module]:

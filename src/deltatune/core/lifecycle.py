@@ -221,8 +221,9 @@ def merge(model: nn.Module, names: str | Iterable[str] | None = None, *,
     for path, layer, deltas in todo:  # check first, write only if every layer passes
         if safe or (not allow_lossy and is_quantized(layer.base_layer)):
             _fold(path, layer, deltas, write=False, check=safe, lossy=allow_lossy)
+    written: set[tuple[int, str]] = set()  # (tied weight, delta): folded in once
     for path, layer, deltas in todo:
-        _fold(path, layer, deltas, write=True, check=False, lossy=True)
+        _fold(path, layer, deltas, write=True, check=False, lossy=True, written=written)
 
 
 def unmerge(model: nn.Module, names: str | Iterable[str] | None = None, *,
@@ -256,8 +257,9 @@ def unmerge(model: nn.Module, names: str | Iterable[str] | None = None, *,
                              "commute with them; unmerge them too")
         todo.append((path, layer, targets))
     for write in (False, True):
+        written: set[tuple[int, str]] = set()  # (tied weight, delta): restored once
         for path, layer, targets in todo:
-            _unfold(path, layer, targets, write=write, lossy=allow_lossy)
+            _unfold(path, layer, targets, write=write, lossy=allow_lossy, written=written)
 
 
 def unload(model: nn.Module, *, merge: bool = False, safe: bool = True,
@@ -390,13 +392,34 @@ def _merge_plan(model: nn.Module, names: list[str]) -> list[tuple[str, DeltaLaye
                   if (owners := [n for n in tied.get(id(param), []) if n != path])}
         if shared:  # refused only if a delta would write a tied parameter (BitFit may not)
             params = _params32(layer)
-            written = {key for n in pending for key in layer.deltas[n].merged_params(params)}
-            for key in sorted(written & set(shared)):
-                raise MergeError(f"the {key} of {path} is shared with {shared[key]}; merging "
-                                 "would change every module that shares it. Untie them first "
-                                 "(e.g. config.tie_word_embeddings=False and a copied weight)")
+            for name in pending:
+                written = set(layer.deltas[name].merged_params(params)) & set(shared)
+                for key in sorted(written):
+                    if not _tied_delta(model, layer.deltas[name], name, shared[key], names):
+                        raise MergeError(
+                            f"the {key} of {path} is shared with {shared[key]}; merging "
+                            f"{name!r} would change every module that shares it. Untie them "
+                            "first (e.g. config.tie_word_embeddings=False and a copied weight)"
+                            ", or adapt every module sharing it with a method whose deltas "
+                            "are tied too (full, LISA, HFT)")
         todo.append((path, layer, pending))
     return todo
+
+
+def _tied_delta(model: nn.Module, delta: Delta, name: str, others: list[str],
+                names: list[str]) -> bool:
+    """Whether every other module sharing a base weight holds ``delta``'s tied twin (the same
+    parameters, ``inject.tie_deltas``) under ``name``, merged in the same call: the one
+    ``ΔW`` then goes into the one weight once (``_fold``'s ``written``)."""
+    layers = delta_layers(model)
+    own = {id(p) for p in delta.parameters()}
+    for path in others:
+        layer = layers.get(path)
+        if (layer is None or name not in layer.deltas or name not in names
+                or name in layer.merged
+                or not own & {id(p) for p in layer.deltas[name].parameters()}):
+            return False
+    return True
 
 
 def _tied_params(model: nn.Module) -> dict[int, list[str]]:
@@ -432,11 +455,28 @@ def _refuse_lossy(path: str, layer: DeltaLayer, name: str, new: Params, what: st
 
 
 @torch.no_grad()
+def _once(layer: DeltaLayer, name: str, new: Params, params: Params,
+          written: set[tuple[int, str]] | None) -> Params:
+    """``new`` with each base parameter that an earlier layer's tied twin of delta ``name``
+    already changed in this call (a tied weight) left as it now is, in ``params``."""
+    if written is None:
+        return new
+    out = dict(new)
+    for key in new:
+        param = getattr(layer.base_layer, key, None)
+        if isinstance(param, torch.Tensor):
+            if (id(param), name) in written:
+                out[key] = params[key]
+            else:
+                written.add((id(param), name))
+    return out
+
+
 def _fold(path: str, layer: DeltaLayer, names: list[str], *, write: bool, check: bool,
-          lossy: bool) -> None:
+          lossy: bool, written: set[tuple[int, str]] | None = None) -> None:
     params = _params32(layer)
     for name in names:
-        new = layer.deltas[name].merged_params(params)
+        new = _once(layer, name, layer.deltas[name].merged_params(params), params, written)
         if not lossy:
             _refuse_lossy(path, layer, name, new, "merging")
         if check:
@@ -459,10 +499,11 @@ def _fold(path: str, layer: DeltaLayer, names: list[str], *, write: bool, check:
 
 
 @torch.no_grad()
-def _unfold(path: str, layer: DeltaLayer, names: list[str], *, write: bool, lossy: bool) -> None:
+def _unfold(path: str, layer: DeltaLayer, names: list[str], *, write: bool, lossy: bool,
+            written: set[tuple[int, str]] | None = None) -> None:
     params = _params32(layer)
     for name in reversed(names):
-        new = layer.deltas[name].unmerged_params(params)
+        new = _once(layer, name, layer.deltas[name].unmerged_params(params), params, written)
         created = layer.created.get(name, [])
         for key in created:
             new[key] = None

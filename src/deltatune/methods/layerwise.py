@@ -77,6 +77,7 @@ class FullDelta(Delta):
 
     form = "weight"
     mergeable = True
+    ties = True  # tied embeddings: one ΔW, as full fine-tuning of the tied weight trains one
     default_targets = ".*"
     layer_kinds = frozenset({"linear", "conv", "embedding", "norm"})
     examples = ({}, {"bias": False, "dtype": "float32"})
@@ -134,10 +135,13 @@ class LayerwiseSchedule(Schedule):
     def _apply(self, optimizer: torch.optim.Optimizer | None) -> None:
         if not self.enabled:
             return
-        trained = set(self.trained)
-        for path, delta in self.deltas().items():
-            on = path in trained
+        deltas = self.deltas()
+        # by parameter: a tied delta (one ΔW shared by an embedding and the output layer)
+        # trains when either of its layers is drawn
+        trained = {id(p) for path in self.trained for p in deltas[path].parameters()}
+        for delta in deltas.values():
             for p in delta.parameters():
+                on = id(p) in trained
                 if not on:
                     p.grad = None
                     if optimizer is not None:
