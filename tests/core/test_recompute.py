@@ -250,3 +250,17 @@ def test_tensor_memory_counts_live_storage_once():
         assert mem.current_bytes == 4096
         del b
     assert mem.current_bytes == 0 and mem.peak_bytes == 1024 + 4096
+
+
+def test_an_input_changed_in_place_inside_the_delta_is_saved_as_it_is():
+    """The recipe gives ``x`` as it was; a delta that changes it in place and saves the result
+    must keep the changed tensor."""
+    x, (h, r, w) = norm_like(torch.float32)
+    p = torch.randn(8, requires_grad=True)
+    with lean_inputs(x):
+        z = x.clone()
+        x.mul_(2.0)  # (a delta would never; the hooks must still not mistake it)
+        y = (x * p).sum()
+    y.backward()
+    assert torch.equal(p.grad, (2.0 * w * (h * r)).detach().sum(0))
+    assert torch.equal(z, (w * (h * r)).detach())

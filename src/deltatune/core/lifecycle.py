@@ -454,7 +454,6 @@ def _refuse_lossy(path: str, layer: DeltaLayer, name: str, new: Params, what: st
             "deltatune.unload(model, merge=True, dequantize=True)")
 
 
-@torch.no_grad()
 def _once(layer: DeltaLayer, name: str, new: Params, params: Params,
           written: set[tuple[int, str]] | None) -> Params:
     """``new`` with each base parameter that an earlier layer's tied twin of delta ``name``
@@ -472,6 +471,7 @@ def _once(layer: DeltaLayer, name: str, new: Params, params: Params,
     return out
 
 
+@torch.no_grad()
 def _fold(path: str, layer: DeltaLayer, names: list[str], *, write: bool, check: bool,
           lossy: bool, written: set[tuple[int, str]] | None = None) -> None:
     params = _params32(layer)

@@ -148,25 +148,27 @@ def _recipe_for(x: Tensor) -> _Recipe | None:
     if ok is None:  # once per graph shape: the recipe reproduces x bit for bit, or is not used
         with torch.no_grad():
             value = fn()
-        ok = _VERIFIED[key] = (value.dtype == x.dtype and value.shape == x.shape
-                               and bool(torch.equal(value, x)))
+        ok = _VERIFIED[key] = (value.dtype == x.dtype and value.shape == x.shape and bool(
+            torch.allclose(value, x, rtol=0.0, atol=0.0, equal_nan=True)))  # bit for bit
     return _Recipe(fn) if ok else None
 
 
 class _Lean:
     """The saved-tensor hooks of one input ``x``."""
 
-    __slots__ = ("ptr", "recipe", "x")
+    __slots__ = ("ptr", "recipe", "version", "x")
 
     def __init__(self, x: Tensor, recipe: _Recipe) -> None:
         self.x = weakref.ref(x)
         self.ptr = x.data_ptr()
+        self.version = x._version  # x changed in place since: not what the recipe gives
         self.recipe = recipe
 
     def pack(self, t: Tensor) -> Any:
         x = self.x()
         if (x is not None and t.data_ptr() == self.ptr and t.dtype == x.dtype
-                and t.numel() == x.numel() and t.is_contiguous()):
+                and t.numel() == x.numel() and t.is_contiguous()
+                and t._version == self.version):
             self.recipe.readers += 1
             return (self.recipe, t.shape)
         return (t.detach(), t._version)
