@@ -110,6 +110,9 @@ class Settings:
     malloc: str
     cases: tuple[str, ...]
     compile: bool = False  # every case's model under torch.compile (the floor's too)
+    #: torch.compile's ``activation_memory_budget`` (AOTAutograd's partitioner recomputes
+    #: to keep saved activations under this fraction), for every case; ``None``: torch's
+    memory_budget: float | None = None
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -309,6 +312,15 @@ class Suite:
         return {c.name: c for c in self.cases}
 
 
+def apply_settings(s: Settings) -> None:
+    """Process-wide settings of a run: threads, and the compiled partitioner's budget."""
+    torch.set_num_threads(s.threads)
+    if s.memory_budget is not None:
+        import torch._functorch.config as functorch_config
+
+        functorch_config.activation_memory_budget = s.memory_budget
+
+
 def build_runner(case: Case, base: nn.Module, ids: Tensor, *, compile: bool = False) -> Runner:
     torch.manual_seed(0)  # adapter initialisation: the same stream for every case
     runner = case.build(base, ids)
@@ -501,7 +513,7 @@ def _prime(s: Settings, case: Case) -> None:
 
 def measure_memory(s: Settings, case: Case) -> dict[str, Any]:
     """In a fresh process: peak memory of one step of ``case`` over the import baseline."""
-    torch.set_num_threads(s.threads)
+    apply_settings(s)
     cuda = s.device == "cuda"
     pinned = False if cuda else _pin_malloc()
     _prime(s, case)
@@ -696,7 +708,9 @@ def header_lines(report: dict[str, Any], title: str, note: str) -> list[str]:
     env, s = report["environment"], report["settings"]
     return [
         f"# {title} — {env['device']} ({env['device_name']})"
-        + (", torch.compile" if s.get("compile") else ""),
+        + (", torch.compile" if s.get("compile") else "")
+        + (f" (activation memory budget {s['memory_budget']})"
+           if s.get("memory_budget") is not None else ""),
         "",
         f"torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}, "
         f"deltatune {env['deltatune']} ({env['git']}); {s['dtype']}, torch threads: "
@@ -784,6 +798,9 @@ def parse_args(suite: Suite, argv: list[str] | None = None) -> tuple[Settings, P
     p.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
     p.add_argument("--compile", action="store_true",
                    help="run every case under torch.compile (ratios against the compiled floor)")
+    p.add_argument("--activation-memory-budget", type=float, metavar="FRACTION",
+                   help="with --compile: torch._functorch.config.activation_memory_budget for "
+                        "every case (the partitioner recomputes to save activations)")
     p.add_argument("--malloc", choices=["cached", "default"], default="cached",
                    help="CPU timing: configure glibc malloc to cache freed memory (default; no "
                         "page faults after warm-up) or leave its defaults")
@@ -811,9 +828,12 @@ def parse_args(suite: Suite, argv: list[str] | None = None) -> tuple[Settings, P
         steps=a.steps if a.steps is not None else (3 if a.quick else suite.default_steps),
         seed=a.seed, threads=a.threads or torch.get_num_threads(), memory=not a.no_memory,
         malloc=a.malloc, cases=names, compile=a.compile,
-        **shape)
+        memory_budget=a.activation_memory_budget, **shape)
     if settings.steps < 1 or settings.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
+    budget = settings.memory_budget
+    if budget is not None and not (settings.compile and 0.0 <= budget <= 1.0):
+        p.error("--activation-memory-budget takes a fraction in [0, 1] and needs --compile")
     return settings, a.out
 
 
@@ -828,7 +848,7 @@ def main(suite: Suite, argv: list[str] | None = None) -> dict[str, Any]:
     """Parse the command line, measure memory (children first), time, write JSON + Markdown."""
     global _COMPUTED_IN_THIS_PROCESS
     s, out = parse_args(suite, argv)
-    torch.set_num_threads(s.threads)
+    apply_settings(s)
     cases = select_cases(suite, s.cases)
     s = replace(s, cases=tuple(c.name for c in cases))
     load = load_avg()
@@ -851,10 +871,11 @@ def main(suite: Suite, argv: list[str] | None = None) -> dict[str, Any]:
     if suite.annotate is not None:
         suite.annotate(report)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"{suite.name}_{s.device}{'_compiled' if s.compile else ''}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    budget = "" if s.memory_budget is None else f"_budget{s.memory_budget:g}"
+    stem = out / f"{suite.name}_{s.device}{'_compiled' if s.compile else ''}{budget}"
+    stem.with_name(stem.name + ".json").write_text(json.dumps(report, indent=2) + "\n")
     table = suite.markdown(report)
-    stem.with_suffix(".md").write_text(table)
+    stem.with_name(stem.name + ".md").write_text(table)
     print(table)
     print(f"wrote {stem}.json and {stem}.md")
     return report

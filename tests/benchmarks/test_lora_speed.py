@@ -116,13 +116,25 @@ def test_compiled_run(tmp_path: Path) -> None:
     """``--compile``: every case under ``torch.compile`` (inductor), the same sanity checks."""
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--quick", "--threads", "1", "--compile", "--no-memory",
+         "--activation-memory-budget", "0.85",
          "--cases", "dt_lora_all,infer_dt_unmerged", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=900, check=False)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    report = json.loads((tmp_path / "lora_speed_cpu_compiled.json").read_text())
+    report = json.loads((tmp_path / "lora_speed_cpu_compiled_budget0.85.json").read_text())
     assert report["settings"]["compile"] is True
+    assert report["settings"]["memory_budget"] == 0.85
     assert {"floor", "dt_lora_all", "infer_base", "infer_dt_unmerged"} <= set(report["cases"])
     assert report["sanity"]["logits_rel_diff"]["dt_unmerged_vs_base"] > 1e-3  # adapter on
-    assert (tmp_path / "lora_speed_cpu_compiled.md").read_text().startswith(
-        "# LoRA speed — cpu") and "torch.compile" in (
-        tmp_path / "lora_speed_cpu_compiled.md").read_text().splitlines()[0]
+    title = (tmp_path / "lora_speed_cpu_compiled_budget0.85.md").read_text().splitlines()[0]
+    assert title.startswith("# LoRA speed — cpu") and "torch.compile" in title
+    assert "activation memory budget 0.85" in title
+
+
+def test_the_memory_budget_needs_compile(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--activation-memory-budget", "0.85",
+         "--out", str(tmp_path)], capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 2
+    assert "--activation-memory-budget takes a fraction in [0, 1] and needs --compile" in (
+        proc.stderr)
+    assert not list(tmp_path.iterdir())
