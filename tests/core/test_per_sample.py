@@ -7,6 +7,7 @@ gradients; refusals that leave the model as it was; parity with peft's mixed bat
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -474,3 +475,27 @@ def test_parity_with_peft_mixed_batches():
     with dt.disabled(ours):
         assert_differs(expected, call(ours, x), "peft's adapters")
     assert_rel_close(call(ours, x, adapter_names=names), expected, TOL, "ours vs peft")
+
+
+def test_mixed_batch_gradients_do_not_depend_on_input_recipes(monkeypatch):
+    """Rows choosing different deltas run inside ``core.recompute``'s context too: the same
+    gradients, bit for bit, as with every layer's input kept."""
+    from deltatune.core import recompute
+    from deltatune.core.recompute import saving_inputs
+
+    used = [0]
+    get = recompute._Recipe.get
+    monkeypatch.setattr(recompute._Recipe, "get",
+                        lambda self: used.__setitem__(0, used[0] + 1) or get(self))
+    m = build("llama", "mixed")
+    names = ["a", "b", ["a", "c"], BASE]
+    x = inputs("llama", 4)
+    params = [p for p in m.parameters() if p.requires_grad]
+    runs = []
+    for saving in (False, True):
+        with saving_inputs() if saving else contextlib.nullcontext():
+            out = output(m(input_ids=x, adapter_names=names))
+            runs.append(torch.autograd.grad(out.square().mean(1).sum(), params))
+    assert used[0] > 0, "no input was recomputed: the test would compare nothing"
+    assert any(g.abs().sum() > 0 for g in runs[0])
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
