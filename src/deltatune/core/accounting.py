@@ -104,7 +104,8 @@ def cost(model: nn.Module, config: DeltaConfig) -> Cost:
     Raises:
         TargetError / ConfigError: as ``inject`` would.
     """
-    from .inject import build_delta, build_shared, tie_deltas
+    from .inject import build_delta, build_shared
+    from .ties import tie_deltas
 
     spec = get_method(config.method)
     cls = spec.delta_class

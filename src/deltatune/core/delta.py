@@ -92,7 +92,7 @@ class Delta(nn.Module):
     merges_first: ClassVar[bool] = False
     #: Whether the deltas of one adapter on layers that share their base weight (an input
     #: embedding tied to the output layer) share their parameters too: one ``ΔW`` for the one
-    #: weight, trained by both uses, merged and saved once (``core.inject.tie_deltas``).
+    #: weight, trained by both uses, merged and saved once (``core.ties``).
     #: Weight-form methods that change the weight itself set it; a method acting per layer
     #: (LoRA's ``B A x``) keeps one delta per layer, as peft does.
     ties: ClassVar[bool] = False

@@ -20,6 +20,7 @@ from .lifecycle import activate, active_adapters, adapters, combination, delta_l
 from .registry import get_method
 from .sequence import sync
 from .targeting import Matcher, module_config, resolve_targets, walk
+from .ties import tie_deltas
 
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]{0,127}")
 _RESERVED = frozenset(dir(nn.ModuleDict())) | {"__base__"}
@@ -142,28 +143,6 @@ def attach(
     else:
         activate(model, [*active_adapters(model), name], combine=mode)
     return model
-
-
-def tie_deltas(deltas: Mapping[str, Delta], matcher: Matcher) -> None:
-    """Make the deltas of layers sharing one base weight share their parameters: each takes
-    the first one's parameters of the same name and shape (``ΔW``; a bias the other layer
-    lacks stays its own). Autograd then sums both uses' gradients into the one ``ΔW``, as it
-    does for the tied weight itself; save and load write and read it once (shared tensors),
-    merge folds it once (``lifecycle``)."""
-    first: dict[int, Delta] = {}
-    for path, delta in deltas.items():
-        weight = getattr(matcher.modules[path], "weight", None)
-        if not isinstance(weight, torch.Tensor):
-            continue
-        owner = first.setdefault(id(weight), delta)
-        if owner is delta:
-            continue
-        theirs = dict(owner.named_parameters())
-        for name, param in list(delta.named_parameters()):
-            other = theirs.get(name)
-            if other is not None and other.shape == param.shape:
-                module, _, leaf = name.rpartition(".")
-                setattr(delta.get_submodule(module), leaf, other)
 
 
 def _tap_modules(matcher: Matcher, delta: Delta) -> dict[str, nn.Module]:

@@ -25,6 +25,7 @@ from .errors import AdapterNameError, ConfigError, MergeError, StateError
 from .geometry import base_params, creatable, is_quantized, weight_dtype
 from .layers import DeltaLayer
 from .registry import get_method
+from .ties import fold_once, is_tied_twin, tied_params
 
 
 def delta_layers(model: nn.Module) -> dict[str, DeltaLayer]:
@@ -352,9 +353,10 @@ def _additive(delta: Delta) -> bool:
 
 
 def _merge_plan(model: nn.Module, names: list[str]) -> list[tuple[str, DeltaLayer, list[str]]]:
-    tied = _tied_params(model)
+    tied = tied_params(model)
+    layers = delta_layers(model)
     todo = []
-    for path, layer in delta_layers(model).items():
+    for path, layer in layers.items():
         pending = [n for n in layer.active if n in names and n not in layer.merged]
         if not pending:
             continue
@@ -395,7 +397,7 @@ def _merge_plan(model: nn.Module, names: list[str]) -> list[tuple[str, DeltaLaye
             for name in pending:
                 written = set(layer.deltas[name].merged_params(params)) & set(shared)
                 for key in sorted(written):
-                    if not _tied_delta(model, layer.deltas[name], name, shared[key], names):
+                    if not is_tied_twin(layers, layer.deltas[name], name, shared[key], names):
                         raise MergeError(
                             f"the {key} of {path} is shared with {shared[key]}; merging "
                             f"{name!r} would change every module that shares it. Untie them "
@@ -404,38 +406,6 @@ def _merge_plan(model: nn.Module, names: list[str]) -> list[tuple[str, DeltaLaye
                             "are tied too (full, LISA, HFT)")
         todo.append((path, layer, pending))
     return todo
-
-
-def _tied_delta(model: nn.Module, delta: Delta, name: str, others: list[str],
-                names: list[str]) -> bool:
-    """Whether every other module sharing a base weight holds ``delta``'s tied twin (the same
-    parameters, ``inject.tie_deltas``) under ``name``, merged in the same call: the one
-    ``ΔW`` then goes into the one weight once (``_fold``'s ``written``)."""
-    layers = delta_layers(model)
-    own = {id(p) for p in delta.parameters()}
-    for path in others:
-        layer = layers.get(path)
-        if (layer is None or name not in layer.deltas or name not in names
-                or name in layer.merged
-                or not own & {id(p) for p in layer.deltas[name].parameters()}):
-            return False
-    return True
-
-
-def _tied_params(model: nn.Module) -> dict[int, list[str]]:
-    """``{id(parameter): [logical names of the modules that own it]}``."""
-    from .targeting import walk
-
-    owners: dict[int, list[str]] = {}
-    for name, module in walk(model):
-        if isinstance(module, Delta):
-            continue
-        if isinstance(module, DeltaLayer):
-            module = module.base_layer
-        for param in module.parameters(recurse=False):
-            if name not in owners.setdefault(id(param), []):
-                owners[id(param)].append(name)
-    return owners
 
 
 def _params32(layer: DeltaLayer) -> Params:
@@ -454,29 +424,12 @@ def _refuse_lossy(path: str, layer: DeltaLayer, name: str, new: Params, what: st
             "deltatune.unload(model, merge=True, dequantize=True)")
 
 
-def _once(layer: DeltaLayer, name: str, new: Params, params: Params,
-          written: set[tuple[int, str]] | None) -> Params:
-    """``new`` with each base parameter that an earlier layer's tied twin of delta ``name``
-    already changed in this call (a tied weight) left as it now is, in ``params``."""
-    if written is None:
-        return new
-    out = dict(new)
-    for key in new:
-        param = getattr(layer.base_layer, key, None)
-        if isinstance(param, torch.Tensor):
-            if (id(param), name) in written:
-                out[key] = params[key]
-            else:
-                written.add((id(param), name))
-    return out
-
-
 @torch.no_grad()
 def _fold(path: str, layer: DeltaLayer, names: list[str], *, write: bool, check: bool,
           lossy: bool, written: set[tuple[int, str]] | None = None) -> None:
     params = _params32(layer)
     for name in names:
-        new = _once(layer, name, layer.deltas[name].merged_params(params), params, written)
+        new = fold_once(layer, name, layer.deltas[name].merged_params(params), params, written)
         if not lossy:
             _refuse_lossy(path, layer, name, new, "merging")
         if check:
@@ -503,7 +456,7 @@ def _unfold(path: str, layer: DeltaLayer, names: list[str], *, write: bool, loss
             written: set[tuple[int, str]] | None = None) -> None:
     params = _params32(layer)
     for name in reversed(names):
-        new = _once(layer, name, layer.deltas[name].unmerged_params(params), params, written)
+        new = fold_once(layer, name, layer.deltas[name].unmerged_params(params), params, written)
         created = layer.created.get(name, [])
         for key in created:
             new[key] = None
