@@ -141,11 +141,14 @@ class Runner:
         if self.kind == "infer":
             with torch.no_grad():
                 return self.model(input_ids=self.ids).logits
-        with self.context() if self.context is not None else contextlib.nullcontext():
+        with self._context():
             loss, total = self.forward()
             total.backward()
             self.finish()
         return loss  # the task loss (the sanity check compares first losses across methods)
+
+    def _context(self) -> contextlib.AbstractContextManager:
+        return self.context() if self.context is not None else contextlib.nullcontext()
 
     def forward(self) -> tuple[Tensor, Tensor]:
         """A training step's forward: (the task loss, the loss to back-propagate)."""
@@ -168,8 +171,7 @@ class Runner:
     def kept_bytes(self) -> int:
         """Tensor storage one training forward leaves alive for its backward (exact, any
         device: ``TensorMemory``); the step is then completed without the optimizer's update."""
-        context = self.context() if self.context is not None else contextlib.nullcontext()
-        with context, TensorMemory() as mem:
+        with self._context(), TensorMemory() as mem:
             _, total = self.forward()
             kept = mem.current_bytes
             total.backward()

@@ -8,7 +8,8 @@ Markdown table) for one device and model preset:
 * ``lora_speed --compile``  the same under ``torch.compile`` (against the compiled floor);
 * ``lora_speed --compile --activation-memory-budget 0.85``  the same with the partitioner
   told to recompute down to 85% of the saved activations (floor included): on the CPU this
-  took LoRA's compiled peak from 1.23× to 1.05× the floor at the same step time;
+  took LoRA's compiled peak from 1.23× to 1.18× the same-budget floor (1.12× the
+  default-compiled one) at the floor's step time;
 * ``methods_speed``         every method family vs its peft version where peft has one;
 * ``mixed_batch``           4 adapters mixed in one batch vs one active;
 
