@@ -10,7 +10,13 @@ from torch import nn
 
 import deltatune as dt
 from deltatune.core.lifecycle import delta_layers
-from deltatune.core.schedule import Schedule, mask_parameter, remap_parameter, set_module_fields
+from deltatune.core.schedule import (
+    EntryWarmup,
+    Schedule,
+    mask_parameter,
+    remap_parameter,
+    set_module_fields,
+)
 from deltatune.methods.lora import LoraDelta
 from helpers import assert_differs, perturb
 from zoo import CASES_BY_NAME, run
@@ -91,6 +97,71 @@ def test_remap_grows_and_rejects_changes_on_other_axes():
     with pytest.raises(ValueError, match="src and dst"):
         remap_parameter(p, torch.zeros(7, 3), dim=0, src=keep, dst=keep[:2], optimizer=opt)
     assert p.shape == (6, 3)  # refused calls change nothing
+
+
+@pytest.mark.parametrize("optim", ["adamw", "sgd"])
+def test_entry_warmup_is_a_per_entry_learning_rate_ramp(optim):
+    """Rows 3..5 of a (5, 3) parameter join at step 2 with a 3-step warmup: the result equals
+    training the joined rows as their own parameter group whose learning rate ramps k/3."""
+    make = {"adamw": lambda ps, lr: torch.optim.AdamW(ps, lr=lr, weight_decay=0.1),
+            "sgd": lambda ps, lr: torch.optim.SGD(ps, lr=lr, momentum=0.9)}[optim]
+    torch.manual_seed(0)
+    start = torch.randn(5, 3)
+    target = torch.randn(5, 3)
+    lr, length, born = 0.1, 3, 2
+
+    def loss(w):
+        return ((w - target) ** 2 * torch.arange(1.0, 16.0).view(5, 3)).sum()
+
+    one = nn.Parameter(start.clone())
+    opt = make([one], lr)
+    warm = EntryWarmup(length)
+    old, new = nn.Parameter(start[:3].clone()), nn.Parameter(start[3:].clone())
+    groups = make([{"params": [old]}, {"params": [new]}], lr)
+    for step in range(1, 9):
+        for o, w in ((opt, one), (groups, torch.cat([old, new]))):
+            o.zero_grad()
+            loss(w).backward()
+        groups.param_groups[1]["lr"] = lr * min(1.0, max(0, step - born) / length) \
+            if step > born else lr
+        opt.step()
+        groups.step()
+        warm.apply(step, lambda key: one)
+        if step == born:
+            warm.add("w", 0, 3, 5, step)
+        warm.snapshot(step, lambda key: one)
+        assert torch.allclose(one, torch.cat([old, new]), rtol=1e-6, atol=1e-7), step
+    assert not warm, "the ramp is over"
+    assert_differs(one[3:], start[3:], "the joined rows trained")
+
+
+def test_entry_warmup_clips_truncated_ranges_and_round_trips_its_state():
+    params = {"p": nn.Parameter(torch.zeros(6, 2)), "q": nn.Parameter(torch.zeros(2, 3))}
+    warm = EntryWarmup(4)
+    warm.add("p", 0, 2, 6, step=1)
+    warm.add("q", 1, 1, 3, step=1)
+    warm.add("q", 1, 0, 0, step=1)  # empty: nothing recorded
+    nothing = EntryWarmup(0)
+    nothing.add("p", 0, 0, 6, step=1)  # length 0: no warmup
+    assert not nothing and len(warm.records) == 2
+    warm.snapshot(1, params.get)
+    again = EntryWarmup(4)
+    again.load_state_dict(warm.state_dict())
+    assert again.records == warm.records
+    assert all(torch.equal(a, b) for a, b in zip(again.snapshots, warm.snapshots, strict=True))
+    with torch.no_grad():
+        for p in params.values():
+            p.add_(1.0)  # "an optimizer step"
+    again.apply(2, params.get)  # the first update after joining: weight 1/4
+    p, q = params["p"], params["q"]
+    assert torch.equal(p[:2], torch.ones(2, 2)) and torch.equal(p[2:], torch.full((4, 2), 0.25))
+    assert torch.equal(q[:, :1], torch.ones(2, 1))
+    assert torch.equal(q[:, 1:], torch.full((2, 2), 0.25))
+    p.data = p.data[:4]  # truncated at its end
+    again.snapshot(2, params.get)
+    assert again.records == [["p", 0, 2, 4, 1], ["q", 1, 1, 3, 1]]
+    again.snapshot(4, params.get)
+    assert not again, "ends once the next update gets the full rate"
 
 
 def test_mask_zeroes_entries_and_moments_so_momentum_does_not_move_them():

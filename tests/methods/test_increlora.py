@@ -68,10 +68,16 @@ def test_reserves_get_the_gradient_of_a_unit_lambda_component():
     dt.inject(model, IncreLoraConfig(rank=1, alpha=3, step_rank=2, targets=["0"]), name="a")
     perturb(model, scale=0.3)
     twin = copy.deepcopy(model)
-    x, c = torch.randn(5, 8), torch.randn(5, 6)
+    x, c = torch.randn(5, 8, requires_grad=True), torch.randn(5, 6)
+    x_ref, x_model = x.detach().clone().requires_grad_(), x.detach().clone().requires_grad_()
     (model[0](x) * c).sum().backward()  # a linear loss: dL/dy does not depend on y
-    (naive(twin[0], "a", x, reserve_lambda=1.0) * c).sum().backward()
+    (naive(twin[0], "a", x_ref, reserve_lambda=1.0) * c).sum().backward()
     ours, ref = model[0].deltas["a"], twin[0].deltas["a"]
+    # ... but the layer's input gets the gradient of the forward as it is: reserves absent
+    # (they used to leak theirs into it, hence into every earlier layer)
+    (naive(copy.deepcopy(twin[0]), "a", x_model) * c).sum().backward()
+    assert_rel_close(x.grad, x_model.grad, TOL, "input gradient without the reserves")
+    assert_differs(x.grad, x_ref.grad, "a unit-Λ reserve would change the input gradient")
     assert_rel_close(ours.A.grad[1:], ref.A.grad[1:], TOL, "reserved A rows")
     assert_rel_close(ours.B.grad[:, 1:], ref.B.grad[:, 1:], TOL, "reserved B columns")
     assert_rel_close(ours.E.grad, ref.E.grad, TOL, "Λ")
@@ -148,7 +154,7 @@ def train(model, opt, sched, data) -> list[torch.Tensor]:
 
 
 def test_grows_to_the_budget_moving_optimizer_state_without_output_jumps():
-    model = llama_with()
+    model = llama_with(CONFIG.replace(restart_warmup=0))  # scheduler.step: growth only
     opt = optimizer(model)
     sched = dt.Scheduler(model, opt)
     schedule = sched.schedules["a"]
@@ -198,24 +204,68 @@ def test_grows_to_the_budget_moving_optimizer_state_without_output_jumps():
     assert schedule.ranks() == final
 
 
+def test_restart_warmup_ramps_the_update_of_joined_entries():
+    """Two runs in lockstep, with and without the restart warmup: identical until a growth;
+    on the next steps each joined entry moves k/L of the other run's update, the rest alike."""
+    length = 3
+    runs = []
+    for warm in (0, length):
+        model = llama_with(CONFIG.replace(restart_warmup=warm))
+        opt = optimizer(model)
+        runs.append((model, opt, dt.Scheduler(model, opt)))
+    data = batches(8)
+    step = 0
+    for ids in data:  # up to and including the first growth
+        step += 1
+        for run in runs:
+            one_step(*run, ids)
+        ranks = [run[2].schedules["a"].ranks() for run in runs]
+        if ranks[0] != {p: 1 for p in ranks[0]}:
+            break
+    assert ranks[0] == ranks[1] and step < len(data)
+    (cold, _, _), (warm, _, _) = runs
+    for a, b in zip(cold.parameters(), warm.parameters(), strict=True):
+        assert torch.equal(a, b), "identical up to the growth"
+    before = {k: v.detach().clone() for k, v in warm.named_parameters() if v.requires_grad}
+    for run in runs:
+        one_step(*run, data[step])
+    cold_p, warm_p = dict(cold.named_parameters()), dict(warm.named_parameters())
+    joined = 0
+    for path, d in deltas(warm).items():
+        key = next(k for k in before if k.endswith(f"{path}.deltas.a.E"))
+        new = slice(1, d.E.shape[0])  # every layer started at rank 1
+        moved_warm = warm_p[key][new] - before[key][new]
+        moved_cold = cold_p[key][new] - before[key][new]
+        if moved_cold.numel():
+            joined += 1
+            assert moved_cold.abs().min() > 0
+            assert_rel_close(moved_warm, moved_cold / length, 1e-4, "Λ of a joined component")
+        assert torch.equal(warm_p[key][:1], cold_p[key][:1]), "Λ in use from the start"
+        a_key = key[:-1] + "A"
+        assert torch.equal(warm_p[a_key][:d.E.shape[0]], cold_p[a_key][:d.E.shape[0]])
+    assert joined > 0
+
+
 def test_resume_from_a_checkpoint_is_bit_identical(tmp_path):
-    data = batches(14)
-    model = llama_with()
+    config = CONFIG.replace(restart_warmup=3)
+    data = batches(16)
+    model = llama_with(config)
     opt = optimizer(model)
     sched = dt.Scheduler(model, opt)
     straight = train(model, opt, sched, data)
     assert sched.done()
 
-    first = llama_with()
+    first = llama_with(config)
     opt = optimizer(first)
     sched = dt.Scheduler(first, opt)
-    losses = train(first, opt, sched, data[:5])
+    losses = train(first, opt, sched, data[:4])
     grown = sched.schedules["a"].total()
     assert 6 < grown < 18, "the checkpoint falls in the middle of the growth"
+    assert sched.schedules["a"].warmup, "... and of a restart warmup"
     fresh, opt, sched = checkpoint_and_resume(first, opt, sched, "a", base, optimizer,
                                               tmp_path)
     assert sched.schedules["a"].total() == grown
-    losses += train(fresh, opt, sched, data[5:])
+    losses += train(fresh, opt, sched, data[4:])
 
     assert all(torch.equal(a, b) for a, b in zip(losses, straight, strict=True))
     ours = dict(fresh.named_parameters())
@@ -227,7 +277,7 @@ def test_grown_adapter_saves_loads_and_merges(tmp_path):
     model = llama_with()
     opt = optimizer(model)
     sched = dt.Scheduler(model, opt)
-    train(model, opt, sched, batches(14))
+    train(model, opt, sched, batches(16))
     assert sched.done()
     model.eval()
     ids = batches(1)[0]
@@ -292,7 +342,8 @@ def test_bad_inputs():
                           ({"target_rank": 0}, "target_rank"), ({"step_rank": 0}, "step_rank"),
                           ({"interval": 0}, "interval"), ({"beta1": 1.0}, "beta1"),
                           ({"reserve": -1}, "reserve"), ({"total_rank": 0}, "total_rank"),
-                          ({"orth_reg_weight": -1}, "orth_reg_weight")):
+                          ({"orth_reg_weight": -1}, "orth_reg_weight"),
+                          ({"restart_warmup": -1}, "restart_warmup")):
         with pytest.raises(dt.ConfigError, match=match):
             IncreLoraConfig(**kwargs)
     model = mlp()

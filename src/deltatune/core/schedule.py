@@ -37,7 +37,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -309,6 +309,74 @@ def mask_parameter(param: nn.Parameter, keep: Tensor,
                 value.masked_fill_(~keep, 0)
 
 
+class EntryWarmup:
+    """A learning-rate warm-up for entries that join a parameter during training.
+
+    A schedule that grows a parameter (IncreLoRA's new components) registers the new entries
+    with ``add``; after each optimizer step, ``apply`` scales the update each such entry just
+    received by ``min(1, k / length)``, ``k`` the optimizer steps since it joined:
+    ``θ ← θ₀ + w (θ − θ₀)``, with ``θ₀`` the value ``snapshot`` kept after the previous step. For
+    an optimizer whose update is proportional to the learning rate (SGD, Adam, AdamW, …) this is
+    the entry's own learning rate ramping up linearly from zero, on top of the run's schedule,
+    without splitting the parameter into optimizer groups. Entries are ranges along one axis;
+    a parameter may grow or be truncated at its end (ranges past the end are clipped), not
+    reordered, and the ranges on one parameter must not overlap. In ``Schedule.step`` (right
+    after ``optimizer.step()``): ``apply``, then the step's own changes, then ``snapshot``.
+
+    Args:
+        length: optimizer steps of the ramp (0: no warm-up; ``add`` records nothing).
+    """
+
+    def __init__(self, length: int) -> None:
+        self.length = length
+        #: ``[key, dim, start, stop, born]`` per warming range.
+        self.records: list[list] = []
+        self.snapshots: list[Tensor] = []
+
+    def __bool__(self) -> bool:
+        return bool(self.records)
+
+    def add(self, key: str, dim: int, start: int, stop: int, step: int) -> None:
+        """Entries ``[start, stop)`` along ``dim`` of parameter ``key`` joined at ``step``."""
+        if self.length and stop > start:
+            self.records.append([key, dim, start, stop, step])
+
+    @torch.no_grad()
+    def apply(self, step: int, resolve: Callable[[str], Tensor]) -> None:
+        """Scale the update of optimizer step ``step`` on every warming entry (``resolve``
+        maps a key to its parameter)."""
+        if len(self.snapshots) != len(self.records):
+            return  # nothing was snapshotted yet (records added after the last snapshot)
+        for (key, dim, start, stop, born), before in zip(self.records, self.snapshots,
+                                                          strict=True):
+            weight = min(1.0, (step - born) / self.length)
+            if weight < 1.0:
+                now = resolve(key).detach().narrow(dim, start, stop - start)
+                now.copy_(torch.lerp(before.to(now.device, torch.float32), now.float(), weight))
+
+    @torch.no_grad()
+    def snapshot(self, step: int, resolve: Callable[[str], Tensor]) -> None:
+        """Drop the ranges whose ramp ends with the next step's update (clipping them to their
+        parameter's size) and keep the current values of the others."""
+        kept, self.snapshots = [], []
+        for key, dim, start, stop, born in self.records:
+            param = resolve(key)
+            stop = min(stop, param.shape[dim])
+            if stop <= start or step + 1 - born >= self.length:
+                continue
+            kept.append([key, dim, start, stop, born])
+            self.snapshots.append(param.detach().narrow(dim, start, stop - start).clone())
+        self.records = kept
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"records": [list(r) for r in self.records], "snapshots": list(self.snapshots)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.records = [[str(k), int(d), int(a), int(b), int(t)]
+                        for k, d, a, b, t in state["records"]]
+        self.snapshots = [t.clone() for t in state["snapshots"]]
+
+
 def set_module_fields(model: nn.Module, name: str,
                       fields: Mapping[str, Mapping[str, Any]]) -> None:
     """Record per-module config values (e.g. a grown or pruned ``rank``) for adapter ``name``.
@@ -355,4 +423,5 @@ def set_module_fields(model: nn.Module, name: str,
         delta.adapter_config = new
         delta.config = configs[path]
 
-__all__ = ["Schedule", "Scheduler", "mask_parameter", "remap_parameter", "set_module_fields"]
+__all__ = ["EntryWarmup", "Schedule", "Scheduler", "mask_parameter", "remap_parameter",
+           "set_module_fields"]

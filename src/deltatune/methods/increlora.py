@@ -18,8 +18,13 @@ New components have ``Λ = 0``: they start with zero effect, so the output does 
 *advance learning* (the paper's, on by default) each layer also holds ``step_rank`` reserved
 components beyond its rank: they add exactly nothing to the output, yet their ``A`` rows and ``B``
 columns get the gradient a component with ``Λ = 1`` would (a straight-through zero,
-``z − z.detach()``), so they learn useful directions before they join; joining moves them, with
-their optimizer state, in front of freshly drawn reserves. Growth resizes ``A``, ``E`` and ``B`` in
+``z − z.detach()`` computed from the detached input, so that nothing flows back into the layer's
+input from a component the forward does not have), so they learn useful directions before they
+join; joining moves them, with their optimizer state, in front of freshly drawn reserves. With
+the *restart warmup* (the paper's), the entries that join at an allocation — the new ``Λ``
+entries and the freshly drawn rows — get their own learning-rate warm-up over
+``restart_warmup`` steps (``core.schedule.EntryWarmup``: their update scaled by ``k / L`` on
+the ``k``-th step), so a component does not start at the run's full rate. Growth resizes ``A``, ``E`` and ``B`` in
 place with ``remap_parameter`` (the optimizer keeps its parameters; new entries start with zero
 state) and records the per-module ``added`` (and, once the budget is reached and the reserves are
 dropped, ``reserve = 0``) with ``set_module_fields``, so ``save`` writes the grown shapes and
@@ -34,9 +39,9 @@ by the current rank, so every growth would rescale the trained components: an ou
 reserves' effect is an exact zero with unit-``Λ`` gradients (the reference gives them a frozen
 ``Λ = 1e-5``, a small effect and gradients near Adam's ε); layers are scored from the gradients
 already on their own entries (the reference scores the dense ``ΔW`` through a backward hook, a
-full ``out × in`` product per step). The paper's restart warmup (a learning-rate warmup per new
-parameter group) is not reproduced: new entries join the adapter's parameters and their
-learning rate.
+full ``out × in`` product per step); the restart warmup ramps the new entries' rate linearly up
+to the run's rate over ``restart_warmup`` steps (the reference gives each growth its own
+parameter group, with a warm-up over the run's warm-up length and then its own linear decay).
 """
 
 from __future__ import annotations
@@ -53,7 +58,7 @@ from ..core.errors import ConfigError, StateError
 from ..core.geometry import LayerInfo
 from ..core.lifecycle import merged_adapters
 from ..core.registry import register
-from ..core.schedule import Schedule, remap_parameter, set_module_fields
+from ..core.schedule import EntryWarmup, Schedule, remap_parameter, set_module_fields
 from .lora import LoraConfig, LoraDelta
 
 #: Standard deviation of new ``A`` rows and ``B`` columns (the reference code's).
@@ -79,6 +84,9 @@ class IncreLoraConfig(LoraConfig):
         top_h: layers grown per allocation (``top_h``).
         warmup: optimizer steps before the first allocation (``init_warmup``).
         interval: optimizer steps between allocations (``incre_interval``).
+        restart_warmup: the paper's restart warmup: optimizer steps over which the learning
+            rate of entries that join at an allocation (their ``Λ``, fresh ``A`` rows and ``B``
+            columns) ramps up from zero (``None``: ``interval``; 0: none).
         beta1: EMA factor of the sensitivity.
         beta2: EMA factor of the uncertainty.
         advance_learning: keep ``step_rank`` reserved components per layer, trained before they
@@ -99,6 +107,7 @@ class IncreLoraConfig(LoraConfig):
     top_h: int = 12
     warmup: int = 500
     interval: int = 500
+    restart_warmup: int | None = None
     beta1: float = 0.85
     beta2: float = 0.85
     advance_learning: bool = True
@@ -117,12 +126,13 @@ class IncreLoraConfig(LoraConfig):
             if not _count(getattr(self, field), low):
                 raise ConfigError(f"{field} must be an integer >= {low}, got "
                                   f"{getattr(self, field)!r}")
-        for field in ("total_rank", "reserve"):
+        for field in ("total_rank", "reserve", "restart_warmup"):
             value = getattr(self, field)
-            if value is not None and not _count(value, 0 if field == "reserve" else 1):
+            low = 1 if field == "total_rank" else 0
+            if value is not None and not _count(value, low):
                 raise ConfigError(f"{field} must be None or a "
-                                  f"{'non-negative' if field == 'reserve' else 'positive'} "
-                                  f"integer, got {value!r}")
+                                  f"{'positive' if low else 'non-negative'} integer, got "
+                                  f"{value!r}")
         for field in ("beta1", "beta2"):
             value = getattr(self, field)
             if not (isinstance(value, (int, float)) and 0 < value < 1):
@@ -175,6 +185,9 @@ class IncreLoraSchedule(Schedule):
         self.sensitivity = torch.zeros(len(deltas), dtype=torch.float64)
         self.uncertainty = torch.zeros(len(deltas), dtype=torch.float64)
         self.finished = current == self.budget and not any(d.reserved for d in deltas.values())
+        length = config.interval if config.restart_warmup is None else config.restart_warmup
+        #: The restart warmup of the entries that joined at recent allocations.
+        self.warmup = EntryWarmup(length)
 
     def total(self) -> int:
         """The adapter's current total rank."""
@@ -185,7 +198,7 @@ class IncreLoraSchedule(Schedule):
         return {p: d.rank for p, d in self.deltas().items()}
 
     def done(self, step: int) -> bool:
-        return self.finished
+        return self.finished and not self.warmup
 
     def loss(self) -> Tensor | None:
         """The weighted orthogonality regulariser (``None`` when its weight is 0)."""
@@ -199,15 +212,29 @@ class IncreLoraSchedule(Schedule):
         return self.config.orth_reg_weight * (sum(terms) / len(terms))
 
     def step(self, step: int, optimizer: torch.optim.Optimizer | None) -> None:
-        if self.finished:
+        if self.finished and not self.warmup:
             return
         if self.name in merged_adapters(self.model):
             raise StateError(f"IncreLoRA adapter {self.name!r} is merged; unmerge it before "
                              "training it")
-        self.update_scores()
+        self.warmup.apply(step, self._parameter)
         c = self.config
-        if self.total() >= self.budget or (step > c.warmup and step % c.interval == 0):
-            self.allocate(optimizer)
+        if not self.finished:
+            self.update_scores()
+            if self.total() >= self.budget or (step > c.warmup and step % c.interval == 0):
+                deltas = self.deltas()
+                before = {p: (d.rank, d.A.shape[0]) for p, d in deltas.items()}
+                self.allocate(optimizer)
+                for path, delta in deltas.items():  # what joined: Λ entries, fresh A/B rows
+                    rank, rows = before[path]
+                    self.warmup.add(f"{path}:E", 0, rank, delta.rank, step)
+                    self.warmup.add(f"{path}:A", 0, rows, delta.A.shape[0], step)
+                    self.warmup.add(f"{path}:B", 1, rows, delta.A.shape[0], step)
+        self.warmup.snapshot(step, self._parameter)
+
+    def _parameter(self, key: str) -> Tensor:
+        path, name = key.rsplit(":", 1)
+        return getattr(self.deltas()[path], name)
 
     @torch.no_grad()
     def update_scores(self) -> None:
@@ -271,7 +298,7 @@ class IncreLoraSchedule(Schedule):
     def state_dict(self) -> dict[str, Any]:
         return {"paths": self.paths, "sensitivity": self.sensitivity,
                 "uncertainty": self.uncertainty, "generator": self.generator.get_state(),
-                "finished": self.finished}
+                "finished": self.finished, "warmup": self.warmup.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if list(state["paths"]) != self.paths:
@@ -281,6 +308,7 @@ class IncreLoraSchedule(Schedule):
         self.uncertainty = state["uncertainty"].to(torch.float64).cpu()
         self.generator.set_state(state["generator"].cpu().to(torch.uint8))
         self.finished = bool(state["finished"])
+        self.warmup.load_state_dict(state.get("warmup", {"records": [], "snapshots": []}))
 
 
 # ---------------------------------------------------------------------------- the delta
@@ -330,11 +358,14 @@ class IncreLoraDelta(LoraDelta):
         return self.A[:r] * self.E, self.B[:, :r]
 
     def _advance(self, x: Tensor, y: Tensor) -> Tensor | None:
-        """The reserves' straight-through zero: value 0, gradient of a ``Λ = 1`` component."""
+        """The reserves' straight-through zero: value 0, and for their ``A`` rows and ``B``
+        columns the gradient of a ``Λ = 1`` component. ``x`` is detached: a component that is
+        not in the forward must not send gradient to the layer's input (through it, to every
+        earlier layer)."""
         if not (self.reserved and self.training and torch.is_grad_enabled()):
             return None
         r = self.rank
-        h = self.info.apply_in(x, self.cast(self.A[r:], y))  # (..., k)
+        h = self.info.apply_in(x.detach(), self.cast(self.A[r:], y))  # (..., k)
         z = self.info.apply_out(h, self.cast(self.B[:, r:], y)) * self.scale
         return z - z.detach()
 
