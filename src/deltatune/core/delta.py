@@ -104,6 +104,10 @@ class Delta(nn.Module):
     #: Whether ``forward`` reads the base output ``y`` beyond adding to it (sequential forms:
     #: ``y + f(y)``); such deltas see the same base output when several are summed.
     reads_output: ClassVar[bool] = False
+    #: Whether the gradient this delta sends back to its layer's input (and so to every
+    #: earlier layer) is the derivative of its forward. False only by design: side networks
+    #: read the backbone detached, so nothing back-propagates into it.
+    exact_input_gradient: ClassVar[bool] = True
     #: Statistics of the base layer that ``reset_parameters`` initialises from, gathered by one
     #: calibration pass over user data in ``inject(..., data=, loss_fn=)`` (``core.calibration``):
     #: ``"input_cov"`` (``E[x xᵀ]``, ``(in, in)``), ``"weight_grad"`` (the loss gradient w.r.t.

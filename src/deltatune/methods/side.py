@@ -202,6 +202,7 @@ class LSTDelta(Delta):
     default_targets = (FINAL_HIDDEN,)
     layer_kinds = frozenset({"norm"})
     reads_output = True  # the last rung reads y: summed side networks all read the base's
+    exact_input_gradient = False  # the backbone is read detached: nothing flows back into it
     examples = ({}, {"reduction": 4, "ffn_ratio": 2.0, "activation": "relu",
                      "ladder_layers": [-1]},
                 {"gate_init": 1.0, "temperature": 1.0, "activation": "silu"})
