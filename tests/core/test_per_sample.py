@@ -325,8 +325,8 @@ def test_training_with_dropout_runs_each_adapter_on_its_rows():
     grads = {n: [p.grad for p in m.parameters() if p.requires_grad and f".{n}." in n]
              for n in ("a", "b")}
     assert all(g is not None and g.abs().sum() > 0 for n in grads for g in grads[n])
-    with dt.disabled(m):
-        assert torch.equal(out[2], output(m(input_ids=x[2:])).detach()[0])
+    with dt.disabled(m):  # the same batch: multi-threaded BLAS is not batch-size invariant
+        assert torch.equal(out[2], output(m(input_ids=x)).detach()[2])
 
 
 # ------------------------------------------------------------------------------- generate
