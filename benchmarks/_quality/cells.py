@@ -34,7 +34,6 @@ Training runs under bf16 autocast (fp32 master weights) on CPU by default; a run
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
 import hashlib
 import json
@@ -216,14 +215,13 @@ def cached_run(spec: TaskSpec, method: MethodSpec, p: Protocol, **kw: Any) -> di
 
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
-    """Hold ``<path>.lock`` (an advisory lock the kernel drops if the holder dies)."""
+    """Hold ``<path>.lock`` (``filelock``: an OS lock, dropped if the holder dies; Linux, macOS
+    and Windows)."""
+    from filelock import FileLock
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with FileLock(path.with_suffix(".lock")):
+        yield
 
 
 def fingerprint(method: MethodSpec, spec: TaskSpec, steps: int) -> str:
