@@ -84,6 +84,30 @@ def test_reserves_get_the_gradient_of_a_unit_lambda_component():
     assert_rel_close(ours.A.grad[:1], ref.A.grad[:1], TOL, "A in use")
 
 
+def test_reserves_on_a_convolution_get_unit_lambda_gradients_and_leave_the_input_alone():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1)).train()
+    dt.inject(model, IncreLoraConfig(rank=1, alpha=3, step_rank=2, targets=["0"]), name="a")
+    perturb(model, scale=0.3)
+    layer, d = model[0], model[0].deltas["a"]
+    x, c = torch.randn(2, 3, 6, 6, requires_grad=True), torch.randn(2, 5, 6, 6)
+    (model(x) * c).sum().backward()
+
+    def naive_conv(a, b, reserve_lambda, x_in):
+        lam = torch.cat([d.E.detach().view(-1), torch.full((2,), reserve_lambda)])
+        weight = layer.base_layer.weight.view(5, -1) + d.scale * b @ (lam[:, None] * a)
+        return torch.nn.functional.conv2d(x_in, weight.view(5, 3, 3, 3), layer.base_layer.bias,
+                                          padding=1)
+
+    a, b = (p.detach().clone().requires_grad_() for p in (d.A, d.B))
+    (naive_conv(a, b, 1.0, x.detach()) * c).sum().backward()
+    assert_rel_close(d.A.grad[1:], a.grad[1:], TOL, "reserved A rows (conv)")
+    assert_rel_close(d.B.grad[:, 1:], b.grad[:, 1:], TOL, "reserved B columns (conv)")
+    x_ref = x.detach().clone().requires_grad_()
+    (naive_conv(d.A.detach(), d.B.detach(), 0.0, x_ref) * c).sum().backward()
+    assert_rel_close(x.grad, x_ref.grad, TOL, "input gradient without the reserves (conv)")
+
+
 def test_layer_scores_are_the_smoothed_mean_sensitivity():
     model = mlp().train()
     dt.inject(model, IncreLoraConfig(rank=2, target_rank=4, warmup=100, beta1=0.7, beta2=0.6,

@@ -17,14 +17,15 @@ Trainer's ``DeltaCallback``), after optimizer step t (from 1):
 New components have ``Λ = 0``: they start with zero effect, so the output does not jump. With
 *advance learning* (the paper's, on by default) each layer also holds ``step_rank`` reserved
 components beyond its rank: they add exactly nothing to the output, yet their ``A`` rows and ``B``
-columns get the gradient a component with ``Λ = 1`` would (a straight-through zero,
-``z − z.detach()`` computed from the detached input, so that nothing flows back into the layer's
-input from a component the forward does not have), so they learn useful directions before they
-join; joining moves them, with their optimizer state, in front of freshly drawn reserves. With
-the *restart warmup* (the paper's), the entries that join at an allocation — the new ``Λ``
-entries and the freshly drawn rows — get their own learning-rate warm-up over
-``restart_warmup`` steps (``core.schedule.EntryWarmup``: their update scaled by ``k / L`` on
-the ``k``-th step), so a component does not start at the run's full rate. Growth resizes ``A``, ``E`` and ``B`` in
+columns get the gradient a component with ``Λ = 1`` would, and nothing flows back into the
+layer's input from them (on linear layers a custom backward computes just those two gradients,
+never forming the reserves' output; on convolutions a straight-through zero of the detached
+input), so they learn useful directions before they join; joining moves them, with their
+optimizer state, in front of freshly drawn reserves. With the *restart warmup* (the paper's), the
+entries that join at an allocation — the new ``Λ`` entries and the freshly drawn rows — get their
+own learning-rate warm-up over ``restart_warmup`` steps (``core.schedule.EntryWarmup``: their
+update scaled by ``k / L`` on the ``k``-th step), so a component does not start at the run's full
+rate. Growth resizes ``A``, ``E`` and ``B`` in
 place with ``remap_parameter`` (the optimizer keeps its parameters; new entries start with zero
 state) and records the per-module ``added`` (and, once the budget is reached and the reserves are
 dropped, ``reserve = 0``) with ``set_module_fields``, so ``save`` writes the grown shapes and
@@ -311,6 +312,32 @@ class IncreLoraSchedule(Schedule):
         self.warmup.load_state_dict(state.get("warmup", {"records": [], "snapshots": []}))
 
 
+class _AdvanceLearning(torch.autograd.Function):
+    """``out`` unchanged (in place: no copy, and later in-place ops on it stay legal); in
+    backward, the reserved rows ``a`` ``(k, in)`` and columns ``b`` ``(out, k)`` of a linear
+    layer get the gradient of ``s · b (a x)`` — ``s (g b)ᵀ x`` and ``s gᵀ (x aᵀ)`` — without that
+    product ever being formed, and ``x`` gets nothing."""
+
+    @staticmethod
+    def forward(ctx: Any, out: Tensor, x: Tensor, a: Tensor, b: Tensor, scale: float) -> Tensor:
+        ctx.save_for_backward(x, a, b)
+        ctx.scale = scale
+        ctx.mark_dirty(out)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, a, b = ctx.saved_tensors
+        dtype = a.dtype  # the compute dtype (under autocast, x may be wider)
+        x = x.reshape(-1, x.shape[-1]).to(dtype)  # (N, in)
+        g = grad.reshape(-1, grad.shape[-1]).to(dtype)  # (N, out)
+        needs = ctx.needs_input_grad
+        grad_a = (g @ b).mul_(ctx.scale).t() @ x if needs[2] else None  # (k, in)
+        grad_b = (g.t() @ (x @ a.t())).mul_(ctx.scale) if needs[3] else None  # (out, k)
+        return grad, None, grad_a, grad_b, None
+
+
 # ---------------------------------------------------------------------------- the delta
 @register("increlora", config=IncreLoraConfig)
 class IncreLoraDelta(LoraDelta):
@@ -357,27 +384,28 @@ class IncreLoraDelta(LoraDelta):
         r = self.rank
         return self.A[:r] * self.E, self.B[:, :r]
 
-    def _advance(self, x: Tensor, y: Tensor) -> Tensor | None:
-        """The reserves' straight-through zero: value 0, and for their ``A`` rows and ``B``
-        columns the gradient of a ``Λ = 1`` component. ``x`` is detached: a component that is
-        not in the forward must not send gradient to the layer's input (through it, to every
-        earlier layer)."""
+    def _advance(self, x: Tensor, out: Tensor) -> Tensor:
+        """``out``, with the reserves' advance learning attached: their ``A`` rows and ``B``
+        columns get the gradient of a ``Λ = 1`` component, and nothing else changes — neither
+        the value nor the gradient reaching the layer's input (a component that is not in the
+        forward must not send gradient to earlier layers). On linear layers a custom backward
+        computes exactly those two gradients; elsewhere a straight-through zero
+        ``z − z.detach()`` of the detached input."""
         if not (self.reserved and self.training and torch.is_grad_enabled()):
-            return None
+            return out
         r = self.rank
-        h = self.info.apply_in(x.detach(), self.cast(self.A[r:], y))  # (..., k)
-        z = self.info.apply_out(h, self.cast(self.B[:, r:], y)) * self.scale
-        return z - z.detach()
+        a, b = self.cast(self.A[r:], out), self.cast(self.B[:, r:], out)
+        if self.info.kind == "linear":
+            return _AdvanceLearning.apply(out, x.detach(), a, b, self.scale)
+        h = self.info.apply_in(x.detach(), a)  # (N, k, *spatial)
+        z = self.info.apply_out(h, b) * self.scale
+        return out + (z - z.detach())
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
-        zero = self._advance(x, y)
-        out = super().forward(x, y)
-        return out if zero is None else out + zero
+        return self._advance(x, super().forward(x, y))
 
     def effect(self, x: Tensor, y: Tensor) -> Tensor:
-        zero = self._advance(x, y)
-        out = super().effect(x, y)
-        return out if zero is None else out + zero
+        return self._advance(x, super().effect(x, y))
 
     def state_tensors(self) -> dict[str, Tensor]:
         out = {"A": self.A, "B": self.B, "E": self.E}
