@@ -345,10 +345,9 @@ class EntryWarmup:
     def apply(self, step: int, resolve: Callable[[str], Tensor]) -> None:
         """Scale the update of optimizer step ``step`` on every warming entry (``resolve``
         maps a key to its parameter)."""
-        if len(self.snapshots) != len(self.records):
-            return  # nothing was snapshotted yet (records added after the last snapshot)
+        # ranges added since the last ``snapshot`` (at the end of the list) have no update yet
         for (key, dim, start, stop, born), before in zip(self.records, self.snapshots,
-                                                          strict=True):
+                                                          strict=False):
             weight = min(1.0, (step - born) / self.length)
             if weight < 1.0:
                 now = resolve(key).detach().narrow(dim, start, stop - start)
