@@ -40,8 +40,9 @@ deltas nothing is cached and gradients flow through the gathers.
 
 What cannot be mixed, refused with what to do: merged deltas (unmerge first), deltas active with
 combination weights (activate without weights), weight-form deltas (BitFit, LN tuning,
-intrinsic …) or tokens-form deltas (prompt, prefix) that differ between rows (they change the
-layer's own parameters or the sequence length: give every row the same ones), nesting the
+intrinsic …), tokens-form deltas (prompt, prefix) or side networks (LST, QST: they read other
+modules' inputs for the whole batch) that differ between rows (give every row the same ones),
+nesting the
 context on one model. Changing which deltas are active inside the context is not supported:
 leaving it restores the activation from before.
 """
@@ -380,6 +381,14 @@ class _State:
                     f"rows choose different {form}-form deltas ({methods}) on {path}; those "
                     f"{why}, so every row of a batch must have the same ones. Give every row "
                     "the same of them (others may differ), or run those rows in separate batches")
+        listening = {tuple(n for n in k if deltas[n].taps) for k in kept}
+        if len(listening) > 1:  # they receive other modules' inputs for the whole batch
+            methods = sorted({deltas[n].method for k in listening for n in k})
+            raise StateError(
+                f"rows choose different deltas that read other modules' inputs ({methods}: "
+                f"side networks) on {path}; those see the whole batch as the model runs, so "
+                "every row of a batch must have the same ones. Give every row the same of them "
+                "(others may differ), or run those rows in separate batches")
         plans = [[deltas[n] for n in k if deltas[n].form == "output"] for k in kept]
         weights = any(deltas[n].form == "weight" for n in kept[0])
         ops = [_ops(p, weights, layer.combine) for p in plans]
