@@ -386,3 +386,30 @@ def test_set_module_fields_keeps_nested_paths_apart():
     assert ranks(model) == {"inner.fc": 3, "fc": 2}
     fresh = dt.inject(Nested(), dt.adapters(model)["a"], name="a")  # the saved config rebuilds
     assert ranks(fresh) == {"inner.fc": 3, "fc": 2}
+
+
+def test_scheduler_step_reports_changed_trainable_parameters(monkeypatch):
+    """``step()`` is True when a schedule resized a parameter (AdaLoRA's pruning) and only
+    then; under a process group it also warns, once, that a DDP wrapper must be rebuilt."""
+    import deltatune.core.schedule as schedule
+
+    model = MLP.build()
+    dt.inject(model, dt.AdaLoraConfig(rank=4, target_rank=2, total_steps=6, tinit=1, tfinal=1,
+                                      targets=["blocks.0.0", "blocks.1.0"]), name="a")
+    perturb(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    sched = dt.Scheduler(model, opt)
+    monkeypatch.setattr(schedule, "_distributed", lambda: True)
+    x = MLP.inputs()["x"]
+    reported, shapes = [], []
+    with pytest.warns(UserWarning, match="must be rebuilt") as caught:
+        for _ in range(6):
+            before = [tuple(p.shape) for p in model.parameters() if p.requires_grad]
+            (run(model, {"x": x}).square().mean() + sched.loss()).backward()
+            opt.step()
+            reported.append(sched.step())
+            opt.zero_grad()
+            shapes.append(before != [tuple(p.shape) for p in model.parameters()
+                                     if p.requires_grad])
+    assert reported == shapes and any(reported) and not all(reported)
+    assert len([w for w in caught if "must be rebuilt" in str(w.message)]) == 1

@@ -6,7 +6,10 @@ writes) and writes, from rank 0, what the test compares with a single-process ru
 ``result.json`` (the global loss per step, and which parameters received gradients) and
 ``logits.safetensors`` (the trained model's logits on a probe batch, computed by all ranks).
 
-    torchrun --standalone --nproc_per_node=2 dist_worker.py {ddp|fsdp|accelerate} OUT_DIR
+    torchrun --standalone --nproc_per_node=2 dist_worker.py {ddp|fsdp|accelerate|ddp-schedule} OUT
+
+``ddp-schedule`` trains IncreLoRA (ranks grown as it trains) and builds the DDP wrapper again
+whenever ``Scheduler.step()`` reports that the trainable parameters changed.
 """
 
 from __future__ import annotations
@@ -24,14 +27,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import zoo
 
 CONFIG = dt.LoraConfig(rank=4, alpha=8, targets="all-linear")
+#: ``ddp-schedule``: ranks grown during training (parameters change shape at steps 2 and 4)
+GROWING = dt.IncreLoraConfig(rank=1, alpha=4, target_rank=2, warmup=1, interval=2, top_h=4,
+                             targets="all-linear")
 STEPS, LR, ROWS = 4, 1e-2, 8
 
 
-def build() -> torch.nn.Module:
-    """The tiny Llama with a LoRA delta, identical in every process (seeded)."""
+def config_for(mode: str) -> dt.DeltaConfig:
+    return GROWING if mode == "ddp-schedule" else CONFIG
+
+
+def build(config: dt.DeltaConfig = CONFIG) -> torch.nn.Module:
+    """The tiny Llama with a delta, identical in every process (seeded)."""
     model = zoo.CASES_BY_NAME["llama"].build(seed=0)
     torch.manual_seed(1)
-    dt.inject(model, CONFIG, name="task")
+    dt.inject(model, config, name="task")
     for delta_param in (p for p in model.parameters() if p.requires_grad):
         with torch.no_grad():  # B = 0 at init: make the first step's gradients reach A too
             delta_param.add_(0.05 * torch.randn_like(delta_param))
@@ -55,10 +65,10 @@ def main(mode: str, out: Path) -> None:
     else:
         dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    model = build()
+    model = build(config_for(mode))
     base_names = [n for n, p in model.named_parameters() if not p.requires_grad]
     delta_names = [n for n, p in model.named_parameters() if p.requires_grad]
-    if mode == "ddp":
+    if mode in ("ddp", "ddp-schedule"):
         runner = torch.nn.parallel.DistributedDataParallel(model)
     elif mode == "fsdp":
         from torch.distributed.fsdp import fully_shard
@@ -70,13 +80,19 @@ def main(mode: str, out: Path) -> None:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
     if accelerator is not None:
         runner, optimizer = accelerator.prepare(model, optimizer)
+    scheduler = dt.Scheduler(model, optimizer) if mode == "ddp-schedule" else None
     ids = batch().chunk(world)[rank]
-    losses, with_grad = [], set()
+    losses, with_grad, rebuilt = [], set(), 0
     for _ in range(STEPS):
         loss = runner(input_ids=ids, labels=ids).loss
+        if scheduler is not None:
+            loss = loss + scheduler.loss()
         (accelerator.backward(loss) if accelerator else loss.backward())
         with_grad |= {n for n, p in model.named_parameters() if p.grad is not None}
         optimizer.step()
+        if scheduler is not None and scheduler.step():  # shapes changed: a new DDP wrapper
+            runner = torch.nn.parallel.DistributedDataParallel(model)
+            rebuilt += 1
         optimizer.zero_grad()
         total = loss.detach().clone()
         dist.all_reduce(total)
@@ -92,7 +108,7 @@ def main(mode: str, out: Path) -> None:
             "world": world, "losses": losses,
             "base_with_grad": sorted(with_grad & set(base_names)),
             "deltas_without_grad": sorted(set(delta_names) - with_grad),
-            "num_deltas": len(delta_names)}))
+            "num_deltas": len(delta_names), "rebuilt": rebuilt}))
     dist.barrier()
     dist.destroy_process_group()
 

@@ -100,6 +100,33 @@ def test_two_processes_match_one(mode: str, tmp_path: Path, single_process) -> N
     assert (logits - base).abs().max() > 1e-3  # the adapter changes the output
 
 
+def test_ddp_follows_a_schedule_that_resizes_parameters(tmp_path: Path) -> None:
+    """IncreLoRA grows ranks (parameter shapes change) under DDP: ``Scheduler.step()`` says so,
+    the loop builds DDP again, and two processes train exactly as one on the whole batch."""
+    model = worker.build(worker.GROWING)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                  lr=worker.LR)
+    scheduler = dt.Scheduler(model, optimizer)
+    ids, losses, changed = worker.batch(), [], []
+    for _ in range(worker.STEPS):
+        loss = model(input_ids=ids, labels=ids).loss + scheduler.loss()
+        loss.backward()
+        optimizer.step()
+        changed.append(scheduler.step())
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert changed == [False, True, False, True], "grown at steps 2 and 4"
+
+    result = torchrun("ddp-schedule", tmp_path)
+    assert result["rebuilt"] == 2 and result["deltas_without_grad"] == []
+    torch.testing.assert_close(torch.tensor(result["losses"]), torch.tensor(losses),
+                               rtol=1e-5, atol=1e-5)
+    saved = load_file(str(tmp_path / "adapter" / "deltatune_model.safetensors"))
+    for key, value in adapter_tensors(model, "task").items():
+        assert saved[key].shape == value.shape, key
+        assert_rel_close(saved[key], value, 1e-4, key)
+
+
 @pytest.mark.parametrize("wrap", ["compile", "data_parallel", "both"])
 def test_wrappers_are_transparent(wrap: str, tmp_path: Path) -> None:
     """``torch.compile`` and (Distributed)DataParallel wrappers change no logical name: the

@@ -109,3 +109,15 @@ def test_resuming_without_the_schedule_state_is_an_error(tmp_path):
     trainer, _ = trainer_for(tmp_path / "elsewhere", resume=tmp_path / "first" / "checkpoint-6")
     with pytest.raises(dt.StateError, match="no schedule state"):
         trainer.train(resume_from_checkpoint=str(tmp_path / "first" / "checkpoint-6"))
+
+
+def test_under_a_distributed_trainer_a_resize_stops_with_what_to_do(tmp_path, monkeypatch):
+    """The Trainer's DDP wrapper cannot follow parameters that change shape: the callback stops
+    at the first growth with a clear error (here the process group is simulated)."""
+    import deltatune.core.schedule as schedule
+
+    monkeypatch.setattr(schedule, "_distributed", lambda: True)
+    trainer, _ = trainer_for(tmp_path / "run")
+    with pytest.warns(UserWarning, match="rebuilt"), \
+            pytest.raises(dt.StateError, match="step 4: adapter.*Train this method in one"):
+        trainer.train()

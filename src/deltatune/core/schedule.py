@@ -13,7 +13,11 @@ every adapter in a model with one call per optimizer step::
         scheduler.step()          # after optimizer.step(), before the gradients are zeroed
         optimizer.zero_grad()
 
-(the HF Trainer callback in ``integrations.transformers`` makes the same call). Schedules read
+(the HF Trainer callback in ``integrations.transformers`` makes the same call). ``step()``
+returns True when the trainable parameters changed (shapes, or which of them train); under
+``DistributedDataParallel`` the wrapper must then be built again, since its gradient buckets
+follow the parameters it was built with (``if scheduler.step(): ddp = DDP(model)``; build the
+first one after the ``Scheduler``, which may already freeze some). Schedules read
 the gradients still on the parameters, and change the deltas through two operations written
 once here, which keep the optimizer's state consistent with the parameters:
 
@@ -37,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -124,6 +129,7 @@ class Scheduler:
         chosen = list(known) if names is None else ([names] if isinstance(names, str)
                                                     else list(names))
         self.schedules: dict[str, Schedule] = {}
+        self._warned = False
         for name in chosen:
             if name not in known:
                 raise AdapterNameError(f"no adapter named {name!r}; the model has {list(known)}")
@@ -138,11 +144,35 @@ class Scheduler:
     def __len__(self) -> int:
         return len(self.schedules)
 
-    def step(self) -> None:
-        """One optimizer step was taken: let every schedule act on it."""
+    def step(self) -> bool:
+        """One optimizer step was taken: let every schedule act on it.
+
+        Returns:
+            Whether the driven adapters' trainable parameters changed — a shape (rank grown or
+            pruned) or which of them train (LISA's, HFT's layer sampling). A
+            ``DistributedDataParallel`` wrapper built before must then be built again
+            (``ddp = DDP(model, …)``): its gradient buckets follow the parameters it was built
+            with. The optimizer needs nothing: it keeps the same parameter objects.
+        """
         self.num_steps += 1
+        before = self._signature()
         for schedule in self.schedules.values():
             schedule.step(self.num_steps, self.optimizer)
+        changed = self._signature() != before
+        if changed and not self._warned and _distributed():
+            self._warned = True
+            warnings.warn(
+                f"step {self.num_steps}: the schedule of adapter(s) {sorted(self.schedules)} "
+                "changed which delta parameters train or their shapes; a "
+                "DistributedDataParallel wrapper must be rebuilt now (Scheduler.step() returns "
+                "True when this happens: `if scheduler.step(): ddp = DDP(model, ...)`), or its "
+                "next forward fails", stacklevel=2)
+        return changed
+
+    def _signature(self) -> list[tuple]:
+        """``(id, shape, requires_grad)`` of every parameter of the driven adapters."""
+        return [(id(p), tuple(p.shape), p.requires_grad) for s in self.schedules.values()
+                for d in s.deltas().values() for p in d.parameters()]
 
     def loss(self) -> Tensor | float:
         """The sum of the schedules' ``loss()`` terms, to add to the task loss before
@@ -234,6 +264,12 @@ def _join(value: Any, tensors: Mapping[str, Tensor]) -> Any:
     if isinstance(value, list):
         return [_join(v, tensors) for v in value]
     return value
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 # ------------------------------------------------------------ changing what trains

@@ -114,8 +114,16 @@ class DeltaCallback(_callback_base()):
             term.backward()
 
     def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.scheduler is not None:
-            self.scheduler.step()
+        from ..core.errors import StateError
+        from ..core.schedule import _distributed
+
+        if self.scheduler is not None and self.scheduler.step() and _distributed():
+            raise StateError(
+                f"step {self.scheduler.num_steps}: adapter(s) {sorted(self.scheduler.schedules)} "
+                "changed which delta parameters train or their shapes, which the Trainer's "
+                "distributed wrapper cannot follow (its gradient buckets keep the old ones). "
+                "Train this method in one process, or in your own loop that rebuilds "
+                "DistributedDataParallel when deltatune.Scheduler.step() returns True")
 
     def on_save(self, args: Any, state: Any, control: Any, model: nn.Module = None,
                 **kwargs: Any) -> None:
