@@ -148,3 +148,37 @@ def test_wrappers_are_transparent(wrap: str, tmp_path: Path) -> None:
     assert not any("deltatune" in type(m).__module__ for m in model.modules())
     with torch.no_grad():
         assert_rel_close(model(input_ids=ids).logits, before, 1e-5, "merged through wrapper")
+
+
+@pytest.fixture
+def one_process_group(tmp_path: Path):
+    """A gloo process group of one (FSDP2 shards over it: parameters become DTensors)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0,
+                            world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("config", [
+    dt.AdaLoraConfig(rank=4, target_rank=2, total_steps=6),
+    dt.IncreLoraConfig(rank=1, target_rank=2),
+    dt.DynamicRankConfig(rank=4, target_rank=2, total_steps=6),
+    dt.LisaConfig(active_layers=1, interval=2),
+], ids=lambda c: c.method)
+def test_schedules_that_reallocate_parameters_are_refused_on_fsdp2(config, one_process_group):
+    from torch.distributed.fsdp import fully_shard
+
+    model = zoo.CASES_BY_NAME["llama"].build(seed=0)
+    dt.inject(model, config, name="t")
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    if config.method == "lisa":  # freezing and unfreezing works on sharded parameters
+        assert len(dt.Scheduler(model)) == 1
+        return
+    with pytest.raises(dt.StateError, match="FSDP2-sharded parameters cannot follow"):
+        dt.Scheduler(model)

@@ -51,6 +51,7 @@ from torch import Tensor, nn
 
 from .config import DeltaConfig
 from .delta import Delta
+from .distributed import is_sharded
 from .errors import AdapterFileError, AdapterNameError, StateError
 from .lifecycle import adapters, delta_layers
 from .registry import get_method
@@ -69,6 +70,10 @@ class Schedule:
         model: the model holding the adapter.
         name: the adapter's name.
     """
+
+    #: Whether ``step`` reallocates parameters (``remap_parameter``: rank pruned or grown,
+    #: entries re-selected), which FSDP2-sharded parameters cannot follow.
+    remaps: bool = False
 
     def __init__(self, model: nn.Module, name: str) -> None:
         self.model = model
@@ -139,7 +144,14 @@ class Scheduler:
                     raise StateError(f"adapter {name!r} ({known[name].method}) does not change "
                                      "during training; it has no schedule to drive")
                 continue
-            self.schedules[name] = cls(model, name)
+            self.schedules[name] = schedule = cls(model, name)
+            if schedule.remaps and any(is_sharded(p) for d in schedule.deltas().values()
+                                       for p in d.parameters()):
+                raise StateError(
+                    f"adapter {name!r} ({known[name].method}) reallocates its parameters as it "
+                    "trains (ranks pruned or grown, entries re-selected), which FSDP2-sharded "
+                    "parameters cannot follow; train it with DistributedDataParallel (built "
+                    "again whenever Scheduler.step() returns True) or in one process")
 
     def __len__(self) -> int:
         return len(self.schedules)

@@ -162,6 +162,8 @@ class AdaLoraSchedule(Schedule):
         ConfigError: the adapter has no ``total_steps``, or a final budget above the initial.
     """
 
+    remaps = True  # ranks change size
+
     def __init__(self, model: nn.Module, name: str) -> None:
         super().__init__(model, name)
         config = self.config

@@ -136,6 +136,8 @@ class DynamicRankSchedule(Schedule):
         ConfigError: ``total_steps`` is not set, or the budget exceeds the components present.
     """
 
+    remaps = True  # ranks change size
+
     def __init__(self, model: nn.Module, name: str) -> None:
         super().__init__(model, name)
         config = self.config

@@ -168,6 +168,8 @@ class IncreLoraSchedule(Schedule):
             (``min(in, out)`` each).
     """
 
+    remaps = True  # ranks change size
+
     def __init__(self, model: nn.Module, name: str) -> None:
         super().__init__(model, name)
         config, deltas = self.config, self.deltas()

@@ -177,6 +177,7 @@ class SparseSchedule(Schedule):
         self.generator = torch.Generator().manual_seed(self.config.seed)
         #: Whether the adapter trains: one loaded frozen (for inference) is left alone.
         self.enabled = any(d.values.requires_grad for d in self.deltas().values())
+        self.remaps = bool(self.config.reselect_every)  # re-selection moves the values
         #: The layer whose nuclear norm this step's ``loss`` reads (``None``: no regulariser).
         self.layer = self._draw()
 
