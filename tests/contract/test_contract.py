@@ -3,12 +3,11 @@
 Parametrized over ``deltatune.methods()`` × the tiny architecture zoo: registering a method is
 enough for it to be tested here. Which checks apply is read from the method's declared
 capabilities (``mergeable``, ``identity_at_init``, ``composition``, ``layer_kinds``,
-``tolerance``, ``exact_input_gradient``), never from its name.
+``tolerance``), never from its name. Gradient checks: ``test_gradients.py``.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 
 import pytest
@@ -395,61 +394,3 @@ def test_errors_leave_model_unchanged_on_bad_target(pair):
 def test_relative_error_helper_is_not_vacuous():
     a = torch.ones(4)
     assert rel_err(a, a) == 0 and rel_err(a * 2, a) == pytest.approx(1.0)
-
-
-def test_gradients_reaching_earlier_layers_are_the_derivative_of_the_forward(pair):
-    """What a delta sends back to its layer's input — and so to every earlier layer — is the
-    derivative of the adapted forward: with the base parameters outside the adapted layers
-    unfrozen (embeddings, norms, heads …), ``∇L · v`` equals a central difference in float64
-    along a random direction ``v``, in training mode. A delta may not send gradient of
-    something its forward does not compute (a straight-through term read from the input), nor
-    drop some, unless it declares ``exact_input_gradient = False`` (side networks)."""
-    method, case = pair
-    if not delta_class(method).exact_input_gradient:
-        pytest.skip(f"{method} declares exact_input_gradient=False")
-    model, inputs, _, _ = adapted(method, case, torch.float64)
-    model.train()
-    for module in model.modules():  # RMS norms (Llama, T5) compute in float32: make them
-        if "variance_epsilon" in vars(module):  # float64, or differences measure rounding
-            module.forward = functools.partial(_rms_norm, module)
-    skip = {id(p) for p in delta_params(model).values()}
-    skip |= {id(p) for layer in delta_layers(model).values()
-             for p in layer.base_layer.parameters()}  # their gradient: the method's own rule
-    base = [p for p in model.parameters() if id(p) not in skip and p.is_floating_point()]
-    for p in base:
-        p.requires_grad_(True)
-    g = torch.Generator().manual_seed(0)
-    direction = [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in base]
-    for module in model.modules():  # a padding row gets no gradient by nn.Embedding's design
-        if isinstance(module, torch.nn.Embedding) and module.padding_idx is not None:
-            for p, v in zip(base, direction, strict=True):
-                if p is module.weight:
-                    v[module.padding_idx] = 0
-    cotangent = []
-
-    def loss() -> torch.Tensor:
-        torch.manual_seed(7)  # the same dropout masks and sampled ranks in every call
-        y = run(model, inputs)
-        if not cotangent:
-            cotangent.append(torch.randn(y.shape, generator=g, dtype=y.dtype))
-        return (y * cotangent[0]).sum()
-
-    loss().backward()
-    analytic = sum((p.grad * v).sum() for p, v in zip(base, direction, strict=True)
-                   if p.grad is not None)
-    eps = 1e-6
-    with torch.no_grad():
-        for p, v in zip(base, direction, strict=True):
-            p.add_(v, alpha=eps)
-        up = loss()
-        for p, v in zip(base, direction, strict=True):
-            p.add_(v, alpha=-2 * eps)
-        down = loss()
-    numeric = (up - down) / (2 * eps)
-    assert_rel_close(torch.as_tensor(analytic), numeric, 1e-5, "∇L · v vs finite difference")
-
-
-def _rms_norm(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``w · x / rms(x)`` in the input's dtype (HF's RMS norms in float64 math)."""
-    return module.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True)
-                                           + module.variance_epsilon)
