@@ -121,3 +121,21 @@ def test_under_a_distributed_trainer_a_resize_stops_with_what_to_do(tmp_path, mo
     with pytest.warns(UserWarning, match="rebuilt"), \
             pytest.raises(dt.StateError, match="step 4: adapter.*Train this method in one"):
         trainer.train()
+
+
+def test_under_a_distributed_trainer_lisa_stops_before_its_first_step(tmp_path, monkeypatch):
+    """LISA freezes layers as its schedule starts, after the Trainer wrapped the model."""
+    import deltatune.core.schedule as schedule
+
+    monkeypatch.setattr(schedule, "_distributed", lambda: True)
+    torch.manual_seed(0)
+    model = zoo.llama()
+    dt.inject(model, dt.LisaConfig(active_layers=1, interval=2), name="lisa")
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2,
+        logging_strategy="no", save_strategy="no", report_to=[], use_cpu=True,
+        disable_tqdm=True)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=Tokens(),
+                                   callbacks=[DeltaCallback()])
+    with pytest.raises(dt.StateError, match="step 0: adapter.*after the deltatune.Scheduler"):
+        trainer.train()

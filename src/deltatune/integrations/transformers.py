@@ -91,7 +91,10 @@ class DeltaCallback(_callback_base()):
         from ..core.schedule import Scheduler
 
         if self._own:  # a new run (or a resumed one): a new optimizer, the schedules' start
+            trains = [p.requires_grad for p in model.parameters()]
             self.scheduler = Scheduler(_unwrap(model), optimizer)
+            if trains != [p.requires_grad for p in model.parameters()]:
+                self._stop_if_distributed()  # LISA, HFT freeze layers as they start
         elif optimizer is not None:
             self.scheduler.optimizer = optimizer
         saved = Path(args.output_dir) / f"checkpoint-{state.global_step}" / CHECKPOINT_DIR
@@ -114,16 +117,23 @@ class DeltaCallback(_callback_base()):
             term.backward()
 
     def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.scheduler is not None and self.scheduler.step():
+            self._stop_if_distributed()
+
+    def _stop_if_distributed(self) -> None:
+        """The trainable parameters just changed: a distributed Trainer's wrapper (built with
+        the old ones) cannot follow, so stop with what to do instead of failing inside it."""
         from ..core.errors import StateError
         from ..core.schedule import _distributed
 
-        if self.scheduler is not None and self.scheduler.step() and _distributed():
+        if _distributed():
             raise StateError(
                 f"step {self.scheduler.num_steps}: adapter(s) {sorted(self.scheduler.schedules)} "
                 "changed which delta parameters train or their shapes, which the Trainer's "
                 "distributed wrapper cannot follow (its gradient buckets keep the old ones). "
-                "Train this method in one process, or in your own loop that rebuilds "
-                "DistributedDataParallel when deltatune.Scheduler.step() returns True")
+                "Train this method in one process, or in your own loop that builds "
+                "DistributedDataParallel after the deltatune.Scheduler and again whenever "
+                "Scheduler.step() returns True")
 
     def on_save(self, args: Any, state: Any, control: Any, model: nn.Module = None,
                 **kwargs: Any) -> None:
