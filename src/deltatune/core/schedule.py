@@ -123,6 +123,11 @@ class Scheduler:
 
     An adapter whose method has no schedule is simply not driven, so a training loop can always
     make the call; ``len(scheduler)`` is the number of schedules.
+
+    Raises:
+        AdapterNameError: a named adapter does not exist.
+        StateError: a named adapter has no schedule, or a schedule that reallocates parameters
+            (``Schedule.remaps``) would drive FSDP2-sharded deltas.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
