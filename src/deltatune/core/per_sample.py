@@ -42,9 +42,8 @@ What cannot be mixed, refused with what to do: merged deltas (unmerge first), de
 combination weights (activate without weights), weight-form deltas (BitFit, LN tuning,
 intrinsic …), tokens-form deltas (prompt, prefix) or side networks (LST, QST: they read other
 modules' inputs for the whole batch) that differ between rows (give every row the same ones),
-nesting the
-context on one model. Changing which deltas are active inside the context is not supported:
-leaving it restores the activation from before.
+nesting the context on one model. Changing which deltas are active inside the context is not
+supported: leaving it restores the activation from before.
 """
 
 from __future__ import annotations
@@ -372,23 +371,18 @@ class _State:
 
     def _mix(self, path: str, layer: DeltaLayer, kept: list[tuple[str, ...]]) -> _LayerMix:
         deltas = layer.deltas
-        for form, why in (("weight", "change the layer's own parameters"),
-                          ("tokens", "change the sequence length")):
-            per_row = {tuple(n for n in k if deltas[n].form == form) for k in kept}
+        for kind, chosen, why in (
+                ("weight-form", lambda d: d.form == "weight", "change the layer's own parameters"),
+                ("tokens-form", lambda d: d.form == "tokens", "change the sequence length"),
+                ("side-network", lambda d: bool(d.taps),
+                 "read other modules' inputs for the whole batch as the model runs")):
+            per_row = {tuple(n for n in k if chosen(deltas[n])) for k in kept}
             if len(per_row) > 1:
                 methods = sorted({deltas[n].method for k in per_row for n in k})
                 raise StateError(
-                    f"rows choose different {form}-form deltas ({methods}) on {path}; those "
+                    f"rows choose different {kind} deltas ({methods}) on {path}; those "
                     f"{why}, so every row of a batch must have the same ones. Give every row "
                     "the same of them (others may differ), or run those rows in separate batches")
-        listening = {tuple(n for n in k if deltas[n].taps) for k in kept}
-        if len(listening) > 1:  # they receive other modules' inputs for the whole batch
-            methods = sorted({deltas[n].method for k in listening for n in k})
-            raise StateError(
-                f"rows choose different deltas that read other modules' inputs ({methods}: "
-                f"side networks) on {path}; those see the whole batch as the model runs, so "
-                "every row of a batch must have the same ones. Give every row the same of them "
-                "(others may differ), or run those rows in separate batches")
         plans = [[deltas[n] for n in k if deltas[n].form == "output"] for k in kept]
         weights = any(deltas[n].form == "weight" for n in kept[0])
         ops = [_ops(p, weights, layer.combine) for p in plans]
