@@ -220,12 +220,17 @@ class IncreLoraSchedule(Schedule):
         if self.name in merged_adapters(self.model):
             raise StateError(f"IncreLoRA adapter {self.name!r} is merged; unmerge it before "
                              "training it")
-        self.warmup.apply(step, self._parameter)
+        deltas = self.deltas()  # one walk of the model per step, not one per warming range
+
+        def parameter(key: str) -> Tensor:
+            path, name = key.rsplit(":", 1)
+            return getattr(deltas[path], name)
+
+        self.warmup.apply(step, parameter)
         c = self.config
         if not self.finished:
             self.update_scores()
             if self.total() >= self.budget or (step > c.warmup and step % c.interval == 0):
-                deltas = self.deltas()
                 before = {p: (d.rank, d.A.shape[0]) for p, d in deltas.items()}
                 self.allocate(optimizer)
                 for path, delta in deltas.items():  # what joined: Λ entries, fresh A/B rows
@@ -233,11 +238,7 @@ class IncreLoraSchedule(Schedule):
                     self.warmup.add(f"{path}:E", 0, rank, delta.rank, step)
                     self.warmup.add(f"{path}:A", 0, rows, delta.A.shape[0], step)
                     self.warmup.add(f"{path}:B", 1, rows, delta.A.shape[0], step)
-        self.warmup.snapshot(step, self._parameter)
-
-    def _parameter(self, key: str) -> Tensor:
-        path, name = key.rsplit(":", 1)
-        return getattr(self.deltas()[path], name)
+        self.warmup.snapshot(step, parameter)
 
     @torch.no_grad()
     def update_scores(self) -> None:
