@@ -139,7 +139,7 @@ class Runner:
 
     def step(self) -> Tensor:
         if self.kind == "infer":
-            with torch.no_grad():
+            with torch.no_grad(), self._context():
                 return self.model(input_ids=self.ids).logits
         with self._context():
             loss, total = self.forward()
@@ -252,6 +252,8 @@ class Case:
     build: Callable[[nn.Module, Tensor], Runner]
     peer: str | None = None  # the peft case this deltatune case is compared to
     needs_peft: bool = False
+    #: runs deltatune's fused kernels (``deltatune.kernels``): CUDA only
+    needs_kernels: bool = False
 
 
 REFERENCE = {"train": "floor", "infer": "infer_base"}
@@ -824,6 +826,12 @@ def parse_args(suite: Suite, argv: list[str] | None = None) -> tuple[Settings, P
         p.error(f"unknown cases {unknown}; choose from {order}")
     if peft is None:
         names = tuple(n for n in names if not suite.by_name[n].needs_peft)
+    if a.device != "cuda" or a.compile:  # under torch.compile, the compiler fuses
+        fused = [n for n in names if suite.by_name[n].needs_kernels]
+        if fused and a.cases is not None:
+            p.error(f"cases {fused} run deltatune's fused kernels, which need --device cuda "
+                    "and no --compile")
+        names = tuple(n for n in names if n not in fused)
     settings = Settings(
         device=a.device, dtype=a.dtype or ("bfloat16" if a.device == "cuda" else "float32"),
         preset=preset, warmup=a.warmup if a.warmup is not None else (1 if a.quick else 2),

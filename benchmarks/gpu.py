@@ -105,6 +105,13 @@ def check_targets(out: Path) -> list[dict[str, Any]]:
             _ratio(lora, "memory_vs_reference"), 1.10, run)
         add(f"unmerged LoRA inference × base ({label})",
             _ratio(_case(reports[run], "infer_dt_unmerged"), "time_vs_reference"), 1.10, run)
+    lora = reports["lora"]
+    add("LoRA r=16 all-linear step × floor (eager, fused kernels)",
+        _ratio(_case(lora, "dt_lora_all_fused"), "time_vs_reference"), 1.10, "lora")
+    add("LoRA r=16 all-linear peak memory × floor (eager, fused kernels)",
+        _ratio(_case(lora, "dt_lora_all_fused"), "memory_vs_reference"), 1.10, "lora")
+    add("unmerged LoRA inference × base (eager, fused kernels)",
+        _ratio(_case(lora, "infer_dt_unmerged_fused"), "time_vs_reference"), 1.10, "lora")
     methods = reports["methods"]
     dora = _case(methods, "dt_dora")
     add("DoRA step × floor", _ratio(dora, "time_vs_reference"), 1.30, "methods")

@@ -15,11 +15,14 @@ training (forward + backward + AdamW step on the trainable parameters)
 * ``dt_lora_all_saving``  ours on every linear layer with each layer's input saved for
   backward, as plain autograd does (``recompute.saving_inputs``): what the input recipes of
   ``deltatune.core.recompute`` save, in time and memory;
+* ``dt_lora_all_fused``  (CUDA) ours on every linear layer through the fused Triton kernels
+  (``deltatune.kernels``: ``x Wᵀ + s (x Aᵀ) Bᵀ`` and ``g W + s (g B) A`` each one GEMM);
 
 inference (``torch.no_grad()`` forward)
 
 * ``infer_base``, ``infer_dt_unmerged``, ``infer_peft_unmerged`` (LoRA on every linear layer,
-  identical non-zero adapter weights in both libraries), ``infer_dt_merged`` (``dt.merge``).
+  identical non-zero adapter weights in both libraries), ``infer_dt_merged`` (``dt.merge``),
+  ``infer_dt_unmerged_fused`` (CUDA: the unmerged forward through the fused kernel).
 
 Speed: warm-up steps, then ``--steps`` rounds in each of which every case runs one step, in a
 freshly shuffled order (a fixed order would give each case the same predecessor, whose freed
@@ -55,6 +58,7 @@ Usage::
 from __future__ import annotations
 
 import copy
+import functools
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -68,7 +72,9 @@ import _harness as h
 from _harness import Case, Runner, peft
 
 import deltatune as dt
+from deltatune import kernels
 from deltatune.core.recompute import saving_inputs
+from deltatune.kernels import lora as kernels_lora
 
 ADAPTER = "a"
 RANK, ALPHA = 16, 32
@@ -119,13 +125,17 @@ def copy_lora_into_peft(dt_model: nn.Module, peft_model: nn.Module,
     return copied
 
 
-def _infer_dt(*, merged: bool, seed: int) -> Callable[[nn.Module, Tensor], Runner]:
+def _infer_dt(*, merged: bool, seed: int, fused: bool = False
+              ) -> Callable[[nn.Module, Tensor], Runner]:
     def build(base: nn.Module, ids: Tensor) -> Runner:
         model = _dt("all-linear")(base)
         h.perturb(model, seed)
         if merged:
             dt.merge(model)
-        return Runner(model.eval(), ids, "infer")
+        runner = Runner(model.eval(), ids, "infer")
+        if fused:
+            runner.context = functools.partial(kernels.using, True)
+        return runner
     return build
 
 
@@ -159,6 +169,12 @@ CASES: tuple[Case, ...] = (
          needs_peft=True),
     Case("infer_dt_merged", "deltatune LoRA merged", "infer",
          _infer_dt(merged=True, seed=ADAPTER_SEED)),
+    Case("dt_lora_all_fused", "deltatune LoRA all-linear, fused kernels", "train",
+         _lora_train(_dt("all-linear"), functools.partial(kernels.using, True)),
+         peer="peft_lora_all", needs_kernels=True),
+    Case("infer_dt_unmerged_fused", "deltatune LoRA unmerged, fused kernels", "infer",
+         _infer_dt(merged=False, seed=ADAPTER_SEED, fused=True), peer="infer_peft_unmerged",
+         needs_kernels=True),
 )
 
 
@@ -170,9 +186,13 @@ def check_outputs(runners: dict[str, Runner]) -> dict[str, Any]:
     """
     out = h.first_losses(runners)
     logits = {n: r.step() for n, r in runners.items() if r.kind == "infer"}
+    if any(BY_NAME[n].needs_kernels for n in runners) and not kernels_lora._checked:
+        raise RuntimeError("the fused-kernel cases ran the torch path: is Triton installed? "
+                           "(deltatune.kernels.runs_on)")
     pairs = {"dt_unmerged_vs_base": ("infer_dt_unmerged", "infer_base"),
              "dt_unmerged_vs_peft_unmerged": ("infer_dt_unmerged", "infer_peft_unmerged"),
-             "dt_merged_vs_dt_unmerged": ("infer_dt_merged", "infer_dt_unmerged")}
+             "dt_merged_vs_dt_unmerged": ("infer_dt_merged", "infer_dt_unmerged"),
+             "dt_fused_vs_dt_unmerged": ("infer_dt_unmerged_fused", "infer_dt_unmerged")}
     out["logits_rel_diff"] = {key: h.rel(logits[a], logits[b]) for key, (a, b) in pairs.items()
                               if a in logits and b in logits}
     return out

@@ -33,6 +33,8 @@ def test_targets_from_committed_results(tmp_path: Path) -> None:
     assert step["met"] == (step["measured"] <= 1.10)
     compiled = rows["LoRA r=16 all-linear step × floor (compiled)"]
     assert compiled["measured"] is None and compiled["met"] is None  # not run: not judged
+    fused = rows["LoRA r=16 all-linear step × floor (eager, fused kernels)"]
+    assert fused["measured"] is None and fused["met"] is None  # a CUDA-only case
     mixed = json.loads((BENCH / "results" / "mixed_batch_cpu.json").read_text())
     kept = rows["4 adapters mixed: throughput × single adapter"]
     assert kept["measured"] == mixed["throughput_mixed_vs_single"]["deltatune"]

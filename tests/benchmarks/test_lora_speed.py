@@ -138,3 +138,14 @@ def test_the_memory_budget_needs_compile(tmp_path: Path) -> None:
     assert "--activation-memory-budget takes a fraction in [0, 1] and needs --compile" in (
         proc.stderr)
     assert not list(tmp_path.iterdir())
+
+
+def test_fused_kernel_cases_need_cuda(tmp_path: Path) -> None:
+    """The fused-kernel cases are left out of a CPU run (the report's case list above) and
+    refused when named: on the CPU they would time the torch path under their name."""
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--cases", "floor,dt_lora_all_fused",
+         "--out", str(tmp_path)], capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 2
+    assert "run deltatune's fused kernels, which need --device cuda" in proc.stderr
+    assert not list(tmp_path.iterdir())

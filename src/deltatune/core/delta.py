@@ -108,6 +108,8 @@ class Delta(nn.Module):
     #: earlier layer) is the derivative of its forward. False only by design: side networks
     #: read the backbone detached, so nothing back-propagates into it.
     exact_input_gradient: ClassVar[bool] = True
+    #: Whether ``with_base`` may compute the base layer and this delta in one fused step.
+    fuses_base: ClassVar[bool] = False
     #: Statistics of the base layer that ``reset_parameters`` initialises from, gathered by one
     #: calibration pass over user data in ``inject(..., data=, loss_fn=)`` (``core.calibration``):
     #: ``"input_cov"`` (``E[x xᵀ]``, ``(in, in)``), ``"weight_grad"`` (the loss gradient w.r.t.
@@ -182,6 +184,13 @@ class Delta(nn.Module):
     def pre(self, x: Tensor) -> Tensor:
         """The layer input with this delta applied (only if ``transforms_input``)."""
         return x
+
+    def with_base(self, base: nn.Module, x: Tensor) -> Tensor | None:
+        """``forward(x, base(x))`` computed in one fused step (``deltatune.kernels``), or
+        ``None`` where no fused path applies to this call; the layer then runs the base and
+        ``forward``. Called only for classes that set ``fuses_base``, when the delta is the
+        only one active on its layer and the layer is called with ``x`` alone."""
+        return None
 
     def delta_params(self) -> Params:
         """Additive form ``{param_name: Δ}`` of a mergeable delta, in the native layout.

@@ -218,6 +218,11 @@ class DeltaLayer(nn.Module):
         if self.disabled or not (plan or self._weight_plan):
             return self.base_layer(x, *args, **kwargs)
         if self._simple:
+            if plan[0].fuses_base and len(plan) == 1 and not (args or kwargs):
+                with lean_inputs(x):
+                    y = plan[0].with_base(self.base_layer, x)  # one fused step (kernels/)
+                if y is not None:
+                    return y
             y = self.base_layer(x, *args, **kwargs)
             with lean_inputs(x):  # deltas save a recipe for x, not x (core.recompute)
                 for delta in plan:

@@ -39,12 +39,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import kernels
 from ..core.config import DeltaConfig
 from ..core.delta import Delta, Params
 from ..core.errors import AdapterFileError, ConfigError
 from ..core.geometry import LayerInfo, dense_weight
 from ..core.registry import register
 from ..core.selection import Selection, each_delta, stack_rows
+from ..kernels.lora import lora_linear
 
 _INITS = ("default", "gaussian", "pissa")
 
@@ -151,6 +153,8 @@ class LoraDelta(Delta):
     swappable = frozenset({"rank", "alpha", "rslora", "dropout", "init"})
     swap_reads = ("__init__", "forward", "effect", "factors", "_down", "state_tensors",
                   "load_state_tensors", "delta_params")
+    #: On CUDA, with ``deltatune.kernels`` on, ``with_base`` runs the layer in fused kernels.
+    fuses_base = True
 
     def __init__(self, info: LayerInfo, config: LoraConfig, path: str) -> None:
         super().__init__(info, config, path)
@@ -301,6 +305,19 @@ class LoraDelta(Delta):
             y = y + self.cast(self.bias, y).view(self.info.channel_shape(y.dim()))
         return y
 
+    def with_base(self, base: nn.Module, x: Tensor) -> Tensor | None:
+        """``W x + b + s B A x`` in fused kernels (``kernels.lora``) where they run: a plain
+        ``nn.Linear``, this class's own math (a subclass that changes it is not fused), no
+        bias of the delta's, no dropout in this call, the scale a constant."""
+        cls = type(self)
+        if (not kernels.runs_on(x) or type(base) is not nn.Linear or self.bias is not None
+                or (self.training and self.dropout) or self._buffers.get("scaling") is not None
+                or any(getattr(cls, n) is not getattr(LoraDelta, n) for n in _FUSED_MATH)):
+            return None
+        a, b = self.factors()
+        return lora_linear(x, base.weight, base.bias, self.cast(a, x), self.cast(b, x),
+                           self.scale)
+
     def effect(self, x: Tensor, y: Tensor) -> Tensor:
         b, h = self._down(x, y)
         e = self.info.apply_out(h, b) * self.factor
@@ -394,6 +411,10 @@ class LoraDelta(Delta):
             for key, value in tensors.items():
                 if key != "A_check":
                     getattr(self, key).copy_(value)
+
+
+#: The methods whose math ``with_base`` fuses: a subclass overriding one is not fused.
+_FUSED_MATH = ("forward", "factors", "_down", "add_scaled", "with_base")
 
 
 def lora_rows(index: Tensor, x: Tensor, y: Tensor, a: Tensor, b: Tensor, bias: Tensor | None,
