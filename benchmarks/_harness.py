@@ -9,7 +9,11 @@ the rest, the same way for every script:
   case, one token batch (``make_ids``);
 * timing (``time_cases``): every case keeps its own model alive; warm-up steps, then rounds in
   each of which every case runs one step, in a freshly shuffled order; glibc's malloc set to
-  keep freed memory in the timing process (``--malloc cached``);
+  keep freed memory in the timing process (``--malloc cached``). With ``--share-weights`` (the
+  default on CUDA, where no cache holds a model's weights anyway) the cases' models share the
+  frozen base's tensors — one copy of an 8B model's weights instead of one per case — and only
+  cases that write or train them (``Case.own_weights``: full fine-tuning, merged inference)
+  get their own; a case that would change a shared tensor is refused when built;
 * memory (``memory_cases``): every case again in a fresh child process (forked on CPU), peak
   over the post-import baseline — the resident set size on CPU (``VmHWM`` reset through
   ``/proc/self/clear_refs``), ``max_memory_allocated`` on CUDA;
@@ -113,6 +117,8 @@ class Settings:
     #: torch.compile's ``activation_memory_budget`` (AOTAutograd's partitioner recomputes
     #: to keep saved activations under this fraction), for every case; ``None``: torch's
     memory_budget: float | None = None
+    #: timing: the cases' models share the frozen base's tensors (``own_weights`` cases aside)
+    share_weights: bool = False
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -254,6 +260,9 @@ class Case:
     needs_peft: bool = False
     #: runs deltatune's fused kernels (``deltatune.kernels``): CUDA only
     needs_kernels: bool = False
+    #: trains or rewrites the base model's own tensors (full fine-tuning, ``dt.merge``): never
+    #: shares them with other cases (``--share-weights``)
+    own_weights: bool = False
 
 
 REFERENCE = {"train": "floor", "infer": "infer_base"}
@@ -325,12 +334,44 @@ def apply_settings(s: Settings) -> None:
         functorch_config.activation_memory_budget = s.memory_budget
 
 
-def build_runner(case: Case, base: nn.Module, ids: Tensor, *, compile: bool = False) -> Runner:
+def build_runner(case: Case, base: nn.Module | Shared, ids: Tensor, *,
+                 compile: bool = False) -> Runner:
     torch.manual_seed(0)  # adapter initialisation: the same stream for every case
-    runner = case.build(base, ids)
+    shared = base if isinstance(base, Shared) else None
+    runner = case.build(base if shared is None else shared.model, ids)
+    if shared is not None:
+        shared.verify()
     if compile:  # after injection: the compiled graph holds the adapted model
         runner.model = torch.compile(runner.model)
     return runner
+
+
+def copy_for(base: nn.Module, case: Case, share: bool) -> nn.Module | Shared:
+    """``base`` copied for ``case``: a deep copy, or with ``share`` (and unless the case owns
+    its weights) a copy of the module tree holding the very tensors of ``base``, frozen."""
+    if not share or case.own_weights:
+        return copy.deepcopy(base)
+    tensors = [*base.parameters(), *base.buffers()]
+    base.requires_grad_(False)
+    model = copy.deepcopy(base, memo={id(t): t for t in tensors})
+    return Shared(case.name, tensors, model)
+
+
+class Shared:
+    """A model sharing ``tensors`` with other cases; ``build_runner`` checks afterwards that
+    building the case neither unfroze nor rewrote one of them."""
+
+    def __init__(self, name: str, tensors: list[Tensor], model: nn.Module) -> None:
+        self.case, self.model = name, model
+        self.versions = [(t, t._version) for t in tensors]
+
+    def verify(self) -> None:
+        for t, version in self.versions:
+            if t.requires_grad or t._version != version:
+                raise RuntimeError(
+                    f"case {self.case!r} {'trains' if t.requires_grad else 'rewrites'} a base "
+                    "tensor it shares with the other cases (--share-weights): declare it "
+                    "Case(..., own_weights=True)")
 
 
 # --------------------------------------------------------------------------------- timing
@@ -357,8 +398,8 @@ def time_cases(s: Settings, suite: Suite, cases: list[Case]
                ) -> tuple[dict[str, list[float]], dict[str, Any]]:
     """Build every case, check that they compute the same thing, then time them interleaved."""
     base, ids = build_base(s), make_ids(s)
-    runners = {c.name: build_runner(c, copy.deepcopy(base), ids, compile=s.compile)
-               for c in cases}
+    runners = {c.name: build_runner(c, copy_for(base, c, s.share_weights), ids,
+                                    compile=s.compile) for c in cases}
     del base
     sanity = suite.check(runners)
     bar = _progress((s.warmup + s.steps) * len(runners), "timing")
@@ -722,7 +763,8 @@ def header_lines(report: dict[str, Any], title: str, note: str) -> list[str]:
         f"Llama: hidden {s['hidden']}, intermediate {s['intermediate']}, {s['layers']} layers, "
         f"{s['heads']} heads, vocab {s['vocab']}; batch {s['batch']} × seq {s['seq']}; "
         f"{s['warmup']} warm-up + {s['steps']} measured steps per case, interleaved (shuffled "
-        f"rounds); malloc: {env.get('malloc_timing', 'default')}.  ",
+        f"rounds){'; the cases share the frozen base weights' if s.get('share_weights') else ''}"
+        f"; malloc: {env.get('malloc_timing', 'default')}.  ",
         f"{note} Times: median (min, IQR spread); memory: peak during one step "
         "minus the post-import baseline, each case in a fresh process"
         + ("; kept: the tensor storage a training forward leaves alive for its backward, "
@@ -808,6 +850,9 @@ def parse_args(suite: Suite, argv: list[str] | None = None) -> tuple[Settings, P
     p.add_argument("--malloc", choices=["cached", "default"], default="cached",
                    help="CPU timing: configure glibc malloc to cache freed memory (default; no "
                         "page faults after warm-up) or leave its defaults")
+    p.add_argument("--share-weights", choices=["auto", "yes", "no"], default="auto",
+                   help="timing: the cases share the frozen base's tensors instead of one copy "
+                        "each (auto: on CUDA, where an 8B model's copies would not fit)")
     order = [c.name for c in suite.cases]
     p.add_argument("--cases", help=f"comma-separated subset of {order}")
     p.add_argument("--out", type=Path, default=RESULTS, help=f"output directory ({RESULTS})")
@@ -838,7 +883,9 @@ def parse_args(suite: Suite, argv: list[str] | None = None) -> tuple[Settings, P
         steps=a.steps if a.steps is not None else (3 if a.quick else suite.default_steps),
         seed=a.seed, threads=a.threads or torch.get_num_threads(), memory=not a.no_memory,
         malloc=a.malloc, cases=names, compile=a.compile,
-        memory_budget=a.activation_memory_budget, **shape)
+        memory_budget=a.activation_memory_budget,
+        share_weights=(a.share_weights == "yes"
+                       or (a.share_weights == "auto" and a.device == "cuda")), **shape)
     if settings.steps < 1 or settings.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
     budget = settings.memory_budget

@@ -26,10 +26,16 @@ every method vs its peft version            time and memory ≤ 1.00× peft's
 
 Results go to ``<out>/<preset>/``: the suites' files and ``targets.json`` / ``targets.md``.
 
+On CUDA the cases of a suite share the frozen base's weights while timed (``--share-weights``,
+see ``_harness.py``): one copy of an 8B model's 16 GB instead of one per case. The ``8b`` preset
+runs the LoRA suites and the mixed batch by default (``RUNS_8B``): every-method's suite would
+hold a weight-sized trained delta and its optimizer state per full-rank method (full, LISA,
+HFT …) besides the full fine-tuning case; ``--only methods`` runs it anyway.
+
 Usage::
 
     python benchmarks/gpu.py                          # CUDA, bf16, the ~1B "gpu" preset
-    python benchmarks/gpu.py --preset 8b              # Llama-3-8B shapes
+    python benchmarks/gpu.py --preset 8b              # Llama-3-8B shapes (LoRA and mixed)
     python benchmarks/gpu.py --device cpu --quick     # tiny smoke run of the whole pipeline
 """
 
@@ -56,6 +62,9 @@ RUNS = [
     ("methods", "methods_speed.py", [], "methods_speed"),
     ("mixed", "mixed_batch.py", [], "mixed_batch"),
 ]
+
+#: The runs of the ``8b`` preset when ``--only`` does not choose.
+RUNS_8B = ("lora", "lora_compiled", "mixed")
 
 
 def run_suites(device: str, preset: str, out: Path, quick: bool, only: list[str]) -> None:
@@ -155,7 +164,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     preset = a.preset or ("gpu" if a.device == "cuda" else "cpu")
     out = a.out / ("quick" if a.quick else preset)
     if not a.check_only:
-        run_suites(a.device, preset, out, a.quick, [s for s in a.only.split(",") if s])
+        only = [s for s in a.only.split(",") if s] or (list(RUNS_8B) if preset == "8b" else [])
+        unknown = sorted(set(only) - {r[0] for r in RUNS})
+        if unknown:
+            p.error(f"--only: unknown runs {unknown}; choose from {[r[0] for r in RUNS]}")
+        run_suites(a.device, preset, out, a.quick, only)
     rows = check_targets(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "targets.json").write_text(json.dumps(rows, indent=2) + "\n")

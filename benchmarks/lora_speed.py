@@ -153,7 +153,7 @@ QV = ["q_proj", "v_proj"]
 ADAPTER_SEED = 4321
 CASES: tuple[Case, ...] = (
     Case("floor", "floor: frozen base fwd+bwd", "train", h.floor_runner),
-    Case("full_ft", "full fine-tuning", "train", h.full_runner),
+    Case("full_ft", "full fine-tuning", "train", h.full_runner, own_weights=True),
     Case("dt_lora_all", "deltatune LoRA all-linear", "train", _lora_train(_dt("all-linear")),
          peer="peft_lora_all"),
     Case("peft_lora_all", "peft LoRA all-linear", "train", _lora_train(_peft("all-linear")),
@@ -168,7 +168,7 @@ CASES: tuple[Case, ...] = (
     Case("infer_peft_unmerged", "peft LoRA unmerged", "infer", _infer_peft(ADAPTER_SEED),
          needs_peft=True),
     Case("infer_dt_merged", "deltatune LoRA merged", "infer",
-         _infer_dt(merged=True, seed=ADAPTER_SEED)),
+         _infer_dt(merged=True, seed=ADAPTER_SEED), own_weights=True),
     Case("dt_lora_all_fused", "deltatune LoRA all-linear, fused kernels", "train",
          _lora_train(_dt("all-linear"), functools.partial(kernels.using, True)),
          peer="peft_lora_all", needs_kernels=True),

@@ -448,7 +448,7 @@ def _infer_peft(m: Method) -> Callable[[nn.Module, Tensor], Runner]:
 def build_cases() -> tuple[tuple[Case, ...], dict[str, str], dict[str, str]]:
     """Every case of the available methods; the skipped cases and methods, with the reason."""
     train = [Case("floor", "floor: frozen base fwd+bwd", "train", h.floor_runner),
-             Case("full_ft", "full fine-tuning", "train", h.full_runner)]
+             Case("full_ft", "full fine-tuning", "train", h.full_runner, own_weights=True)]
     infer = [Case("infer_base", "base", "infer", h.base_infer_runner)]
     skipped_cases: dict[str, str] = {}
     skipped_methods: dict[str, str] = {}
@@ -474,7 +474,7 @@ def build_cases() -> tuple[tuple[Case, ...], dict[str, str], dict[str, str]]:
                               _infer_peft(m), needs_peft=True))
         if _mergeable(m):
             infer.append(Case(f"infer_dt_{m.key}_merged", f"deltatune {m.label} merged",
-                              "infer", _infer_dt(m, merged=True)))
+                              "infer", _infer_dt(m, merged=True), own_weights=True))
     return tuple(train + infer), skipped_cases, skipped_methods
 
 

@@ -55,3 +55,11 @@ def test_quick_pipeline_on_cpu(tmp_path: Path) -> None:
     measured = {r["target"] for r in rows if r["measured"] is not None}
     assert "LoRA r=16 all-linear step × floor (eager)" in measured
     assert "4 adapters mixed: throughput × single adapter" in measured
+
+
+def test_unknown_runs_are_refused(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, str(BENCH / "gpu.py"), "--device", "cpu", "--quick",
+                           "--only", "lora,nope", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 2 and "unknown runs ['nope']" in proc.stderr
+    assert not list(tmp_path.iterdir())

@@ -166,3 +166,18 @@ def test_case_selection() -> None:
     for name in bench.SUITE.skipped:  # a method that is not registered: a clear refusal
         with pytest.raises(SystemExit):
             bench.h.parse_args(bench.SUITE, ["--cases", name])
+
+
+def test_shared_weights_time_the_same_computations(report: tuple[dict, Path],
+                                                    tmp_path: Path) -> None:
+    """``--share-weights yes`` (CUDA's default): every case builds on the one frozen copy of the
+    base (the harness refuses a case that would unfreeze or rewrite it), and each computes what
+    it computes on its own copy: the same first losses, the same outputs against peft."""
+    shared = run_quick_benchmark(SCRIPT, tmp_path, "methods_speed_cpu.json", "--no-memory",
+                                 "--share-weights", "yes")
+    alone = report[0]
+    assert shared["settings"]["share_weights"] and not alone["settings"]["share_weights"]
+    assert set(shared["cases"]) == set(alone["cases"])
+    assert shared["sanity"]["first_loss"] == alone["sanity"]["first_loss"]
+    assert shared["sanity"]["logits_rel_diff"] == alone["sanity"]["logits_rel_diff"]
+    assert "share the frozen base weights" in (tmp_path / "methods_speed_cpu.md").read_text()
