@@ -9,7 +9,9 @@ writes) and writes, from rank 0, what the test compares with a single-process ru
     torchrun --standalone --nproc_per_node=2 dist_worker.py {ddp|fsdp|accelerate|ddp-schedule} OUT
 
 ``ddp-schedule`` trains IncreLoRA (ranks grown as it trains) and builds the DDP wrapper again
-whenever ``Scheduler.step()`` reports that the trainable parameters changed.
+whenever ``Scheduler.step()`` reports that the trainable parameters changed;
+``fsdp-regularised`` trains a sparse adapter with SaRA's nuclear-norm regulariser on FSDP2
+shards (the regulariser reads a layer's values outside the forward: gathered, differentiably).
 """
 
 from __future__ import annotations
@@ -30,11 +32,15 @@ CONFIG = dt.LoraConfig(rank=4, alpha=8, targets="all-linear")
 #: ``ddp-schedule``: ranks grown during training (parameters change shape at steps 2 and 4)
 GROWING = dt.IncreLoraConfig(rank=1, alpha=4, target_rank=2, warmup=1, interval=2, top_h=4,
                              targets="all-linear")
+#: ``fsdp-regularised``: a loss term read from the sharded parameters outside the forward
+REGULARISED = dt.SparseConfig(density=0.05, scorer="magnitude", nuclear_weight=0.5,
+                              targets="all-linear")
 STEPS, LR, ROWS = 4, 1e-2, 8
+SCHEDULED = {"ddp-schedule": GROWING, "fsdp-regularised": REGULARISED}
 
 
 def config_for(mode: str) -> dt.DeltaConfig:
-    return GROWING if mode == "ddp-schedule" else CONFIG
+    return SCHEDULED.get(mode, CONFIG)
 
 
 def build(config: dt.DeltaConfig = CONFIG) -> torch.nn.Module:
@@ -70,7 +76,7 @@ def main(mode: str, out: Path) -> None:
     delta_names = [n for n, p in model.named_parameters() if p.requires_grad]
     if mode in ("ddp", "ddp-schedule"):
         runner = torch.nn.parallel.DistributedDataParallel(model)
-    elif mode == "fsdp":
+    elif mode in ("fsdp", "fsdp-regularised"):
         from torch.distributed.fsdp import fully_shard
 
         for layer in model.model.layers:
@@ -80,7 +86,7 @@ def main(mode: str, out: Path) -> None:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
     if accelerator is not None:
         runner, optimizer = accelerator.prepare(model, optimizer)
-    scheduler = dt.Scheduler(model, optimizer) if mode == "ddp-schedule" else None
+    scheduler = dt.Scheduler(model, optimizer) if mode in SCHEDULED else None
     ids = batch().chunk(world)[rank]
     losses, with_grad, rebuilt = [], set(), 0
     for _ in range(STEPS):
@@ -90,7 +96,8 @@ def main(mode: str, out: Path) -> None:
         (accelerator.backward(loss) if accelerator else loss.backward())
         with_grad |= {n for n, p in model.named_parameters() if p.grad is not None}
         optimizer.step()
-        if scheduler is not None and scheduler.step():  # shapes changed: a new DDP wrapper
+        if scheduler is not None and scheduler.step() and mode == "ddp-schedule":
+            # the trainable parameters changed: a new DDP wrapper
             runner = torch.nn.parallel.DistributedDataParallel(model)
             rebuilt += 1
         optimizer.zero_grad()

@@ -127,6 +127,38 @@ def test_ddp_follows_a_schedule_that_resizes_parameters(tmp_path: Path) -> None:
         assert_rel_close(saved[key], value, 1e-4, key)
 
 
+def test_a_regulariser_outside_the_forward_trains_fsdp2_shards_as_one_process(
+        tmp_path: Path) -> None:
+    """SaRA's nuclear norm (``Scheduler.loss()``) reads one layer's sparse values between
+    forwards, where FSDP2 keeps them sharded: gathered differentiably, its gradient joins the
+    reduce-scattered one, and two processes train as one on the whole batch."""
+    model = worker.build(worker.REGULARISED)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                  lr=worker.LR)
+    scheduler = dt.Scheduler(model, optimizer)
+    ids, losses, terms = worker.batch(), [], []
+    for _ in range(worker.STEPS):
+        term = scheduler.loss()
+        loss = model(input_ids=ids, labels=ids).loss + term
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+        terms.append(term.detach().item())
+    assert min(terms) > 1e-3  # the regulariser is part of the loss (not a vacuous check)
+
+    result = torchrun("fsdp-regularised", tmp_path)
+    assert result["deltas_without_grad"] == [] and result["base_with_grad"] == []
+    torch.testing.assert_close(torch.tensor(result["losses"]), torch.tensor(losses),
+                               rtol=1e-5, atol=1e-5)
+    saved = load_file(str(tmp_path / "adapter" / "deltatune_model.safetensors"))
+    reference = adapter_tensors(model, "task")
+    assert saved.keys() == reference.keys()
+    for key, value in reference.items():
+        assert_rel_close(saved[key], value, 1e-4, key)
+
+
 @pytest.mark.parametrize("wrap", ["compile", "data_parallel", "both"])
 def test_wrappers_are_transparent(wrap: str, tmp_path: Path) -> None:
     """``torch.compile`` and (Distributed)DataParallel wrappers change no logical name: the

@@ -49,6 +49,7 @@ from torch import Tensor, nn
 from ..core.calibration import split_top_k
 from ..core.config import DeltaConfig
 from ..core.delta import Delta, Params
+from ..core.distributed import full_tensor
 from ..core.errors import ConfigError, StateError
 from ..core.geometry import LayerInfo, dense_weight
 from ..core.lifecycle import delta_layers, merged_adapters
@@ -289,8 +290,9 @@ class SparseDelta(Delta):
 
     # --------------------------------------------------------------------------- compute
     def dense(self) -> Tensor:
-        """Δ in the native weight layout (differentiable w.r.t. ``values``)."""
-        index, values = self.indices, self.values
+        """Δ in the native weight layout (differentiable w.r.t. ``values``; FSDP2-sharded
+        ``values``, as outside a forward, are gathered, differentiably)."""
+        index, values = self.indices, full_tensor(self.values)
         if self.frozen_values is not None:
             index = torch.cat([index, self.frozen_indices])
             values = torch.cat([values, self.frozen_values.to(values.dtype)])
