@@ -148,19 +148,23 @@ class DeltaLayer(nn.Module):
         self._tapped.clear()
         self._listened.clear()
 
-    def _make_tap_hook(self, tap: str):
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            if tap in self._live_taps and not self.disabled:
-                self._tapped[tap] = _first_input(args, kwargs)
-        return hook
+    # The hooks are partials of bound methods, not closures: a deep copy (or a pickle) of the
+    # model then carries hooks that feed the copied layer, not the original.
+    def _make_tap_hook(self, tap: str) -> Callable[..., None]:
+        return functools.partial(self._tap_hook, tap)
 
-    def _make_listen_hook(self, path: str):
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            if not self.disabled:
-                for delta in self._plan:
-                    if path in delta.taps:
-                        delta.on_tap(path, _first_input(args, kwargs))
-        return hook
+    def _tap_hook(self, tap: str, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if tap in self._live_taps and not self.disabled:
+            self._tapped[tap] = _first_input(args, kwargs)
+
+    def _make_listen_hook(self, path: str) -> Callable[..., None]:
+        return functools.partial(self._listen_hook, path)
+
+    def _listen_hook(self, path: str, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not self.disabled:
+            for delta in self._plan:
+                if path in delta.taps:
+                    delta.on_tap(path, _first_input(args, kwargs))
 
     def set_active(self, names: Iterable[str],
                    combine: str | tuple[float, ...] | None = None) -> None:
