@@ -11,7 +11,9 @@ writes) and writes, from rank 0, what the test compares with a single-process ru
 ``ddp-schedule`` trains IncreLoRA (ranks grown as it trains) and builds the DDP wrapper again
 whenever ``Scheduler.step()`` reports that the trainable parameters changed;
 ``fsdp-regularised`` trains a sparse adapter with SaRA's nuclear-norm regulariser on FSDP2
-shards (the regulariser reads a layer's values outside the forward: gathered, differentiably).
+shards (the regulariser reads a layer's values outside the forward: gathered, differentiably);
+``fsdp-prefix`` trains prefix tuning on per-layer FSDP2 units (the prefixes are read before the
+layers run: gathered, their gradients averaged over the ranks as FSDP averages its own).
 """
 
 from __future__ import annotations
@@ -35,12 +37,14 @@ GROWING = dt.IncreLoraConfig(rank=1, alpha=4, target_rank=2, warmup=1, interval=
 #: ``fsdp-regularised``: a loss term read from the sharded parameters outside the forward
 REGULARISED = dt.SparseConfig(density=0.05, scorer="magnitude", nuclear_weight=0.5,
                               targets="all-linear")
+#: ``fsdp-prefix``: every layer's prefix read (from its shards) before the layers run
+PREFIX = dt.PrefixConfig(num_tokens=3)
 STEPS, LR, ROWS = 4, 1e-2, 8
 SCHEDULED = {"ddp-schedule": GROWING, "fsdp-regularised": REGULARISED}
 
 
 def config_for(mode: str) -> dt.DeltaConfig:
-    return SCHEDULED.get(mode, CONFIG)
+    return {**SCHEDULED, "fsdp-prefix": PREFIX}.get(mode, CONFIG)
 
 
 def build(config: dt.DeltaConfig = CONFIG) -> torch.nn.Module:
@@ -76,7 +80,7 @@ def main(mode: str, out: Path) -> None:
     delta_names = [n for n, p in model.named_parameters() if p.requires_grad]
     if mode in ("ddp", "ddp-schedule"):
         runner = torch.nn.parallel.DistributedDataParallel(model)
-    elif mode in ("fsdp", "fsdp-regularised"):
+    elif mode.startswith("fsdp"):
         from torch.distributed.fsdp import fully_shard
 
         for layer in model.model.layers:

@@ -127,28 +127,34 @@ def test_ddp_follows_a_schedule_that_resizes_parameters(tmp_path: Path) -> None:
         assert_rel_close(saved[key], value, 1e-4, key)
 
 
-def test_a_regulariser_outside_the_forward_trains_fsdp2_shards_as_one_process(
-        tmp_path: Path) -> None:
-    """SaRA's nuclear norm (``Scheduler.loss()``) reads one layer's sparse values between
-    forwards, where FSDP2 keeps them sharded: gathered differentiably, its gradient joins the
-    reduce-scattered one, and two processes train as one on the whole batch."""
-    model = worker.build(worker.REGULARISED)
+@pytest.mark.parametrize("mode", ["fsdp-regularised", "fsdp-prefix"])
+def test_reads_outside_a_units_forward_train_fsdp2_shards_as_one_process(
+        mode: str, tmp_path: Path) -> None:
+    """Parameters read where FSDP2 keeps them sharded — SaRA's nuclear norm
+    (``Scheduler.loss()``) between forwards, every layer's prefix before the layers run — are
+    gathered differentiably; their gradients, averaged over the ranks, join the reduce-scattered
+    ones, and two processes train as one on the whole batch."""
+    config = worker.config_for(mode)
+    model = worker.build(config)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                   lr=worker.LR)
-    scheduler = dt.Scheduler(model, optimizer)
+    scheduler = dt.Scheduler(model, optimizer) if mode in worker.SCHEDULED else None
     ids, losses, terms = worker.batch(), [], []
     for _ in range(worker.STEPS):
-        term = scheduler.loss()
+        term = scheduler.loss() if scheduler is not None else torch.zeros(())
         loss = model(input_ids=ids, labels=ids).loss + term
         loss.backward()
         optimizer.step()
-        scheduler.step()
+        if scheduler is not None:
+            scheduler.step()
         optimizer.zero_grad()
         losses.append(loss.item())
         terms.append(term.detach().item())
-    assert min(terms) > 1e-3  # the regulariser is part of the loss (not a vacuous check)
+    if scheduler is not None:
+        assert min(terms) > 1e-3  # the regulariser is part of the loss (not a vacuous check)
+    assert losses[-1] < losses[0] - 1e-3  # it trained
 
-    result = torchrun("fsdp-regularised", tmp_path)
+    result = torchrun(mode, tmp_path)
     assert result["deltas_without_grad"] == [] and result["base_with_grad"] == []
     torch.testing.assert_close(torch.tensor(result["losses"]), torch.tensor(losses),
                                rtol=1e-5, atol=1e-5)

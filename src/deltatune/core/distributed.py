@@ -9,7 +9,12 @@ deltatune does not train models itself; it lets the engine the user already runs
 * **FSDP2** (``torch.distributed.fsdp.fully_shard``) keeps the modules but shards every
   parameter, delta parameters included, as a ``DTensor``: saving gathers each one
   (``full_tensor``, a collective — every rank must call ``save``) and loading shards the read
-  tensor the same way as the parameter it is copied into.
+  tensor the same way as the parameter it is copied into. Inside a unit's forward its
+  parameters are whole; a delta reading its parameters elsewhere (a regulariser between steps,
+  prefixes built before the layers run) reads them through ``gathered``. An adapter-wide
+  shared module (``Delta.build_shared``: Compacter's rules, intrinsic's projection, a prefix
+  projection) is registered under every layer, so such an adapter is sharded at the model's
+  root only (``fully_shard(model)``, no per-layer units).
 
 Under an initialised process group only rank 0 writes files; the others take part in the
 gathers and return.
@@ -49,13 +54,27 @@ def full_tensor(t: Tensor) -> Tensor:
     return t.full_tensor() if is_sharded(t) else t
 
 
+def gathered(t: Tensor) -> Tensor:
+    """``t`` whole, for a read outside the forward of the FSDP2 unit that holds it (a loss term
+    between steps, prefixes built before the layers run): a differentiable all-gather whose
+    gradient is averaged over the ranks and scattered back to the shards, as FSDP's own
+    reduce-scatter averages the gradients of the forward; ``t`` itself if it is not sharded."""
+    if not is_sharded(t):
+        return t
+    from torch.distributed.tensor import Partial
+
+    return t.full_tensor(grad_placements=[Partial("avg")] * t.device_mesh.ndim)
+
+
 def like(value: Tensor, target: Tensor) -> Tensor:
     """``value`` (a whole tensor) laid out as ``target``: sharded the same way for a
-    ``DTensor`` target (each rank keeps its own shard), else ``value`` on ``target``'s device."""
+    ``DTensor`` target (each rank keeps its own shard), else ``value`` on ``target``'s device.
+    A floating-point ``value`` takes ``target``'s dtype; a mask stays boolean."""
     if is_sharded(target):
         from torch.distributed.tensor import distribute_tensor
 
-        return distribute_tensor(value.to(target.device, target.dtype), target.device_mesh,
+        dtype = target.dtype if value.is_floating_point() else value.dtype
+        return distribute_tensor(value.to(target.device, dtype), target.device_mesh,
                                  target.placements)
     return value.to(target.device)
 

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.delta import Params
+from ..core.distributed import like
 from ..core.errors import AdapterNameError, ConfigError, MergeError, StateError
 from ..core.geometry import LayerInfo
 from ..core.lifecycle import adapters, delta_layers, merged_adapters
@@ -141,8 +142,11 @@ class DyLoraSchedule(Schedule):
                 continue
             keep = torch.ones(delta.A.shape[0], dtype=torch.bool, device=a0.device)
             keep[delta.trained_components(self.rank)] = False  # (r,) True: restore
-            delta.A.copy_(torch.where(keep[:, None], a0, delta.A))
-            delta.B.copy_(torch.where(keep[None, :], b0, delta.B))
+            # masks laid out as the factors (FSDP2: sharded the same way)
+            keep_a = like(keep[:, None].expand(delta.A.shape).contiguous(), delta.A)
+            keep_b = like(keep[None, :].expand(delta.B.shape).contiguous(), delta.B)
+            delta.A.copy_(torch.where(keep_a, a0, delta.A))
+            delta.B.copy_(torch.where(keep_b, b0, delta.B))
         self.rank = self._draw()
         self._apply()
         self._before = self._snapshot()

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from .. import kernels
 from ..core.config import DeltaConfig
 from ..core.delta import Delta, Params
+from ..core.distributed import gathered
 from ..core.errors import AdapterFileError, ConfigError
 from ..core.geometry import LayerInfo, dense_weight
 from ..core.registry import register
@@ -296,7 +297,8 @@ class LoraDelta(Delta):
         copy (PiSSA …)."""
         if self.A0 is None:
             return self.A, self.B
-        return torch.cat([self.A, self.A0]), torch.cat([self.B, -self.B0], dim=1)
+        a, b = gathered(self.A), gathered(self.B)  # FSDP2 shards outside a forward (saving)
+        return torch.cat([a, self.A0]), torch.cat([b, -self.B0], dim=1)
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
         b, h = self._down(x, y)

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from ..core.config import DeltaConfig
 from ..core.delta import Delta
+from ..core.distributed import gathered
 from ..core.errors import ConfigError, TargetError
 from ..core.geometry import LayerInfo
 from ..core.layers import DeltaLayer
@@ -193,7 +194,7 @@ class PrefixDelta(Delta):
     def prefixes(self) -> Tensor:
         """``(2, n, kv)``: keys then values."""
         if self.config.projection is None:
-            return self.prefix
+            return gathered(self.prefix)  # read before the layers run (FSDP2: gathered)
         return self.up(self.shared()).view(self.num_tokens, 2, -1).transpose(0, 1)
 
     def keys_values(self, batch: int) -> tuple[Tensor, Tensor]:
@@ -203,7 +204,7 @@ class PrefixDelta(Delta):
         kv = kv.unsqueeze(1).expand(2, batch, *kv.shape[1:])  # (2, B, heads, n, hd)
         if self.gate_logit is None:
             return kv[0], kv[1]
-        return kv[0], kv[1] * torch.sigmoid(self.gate_logit)
+        return kv[0], kv[1] * torch.sigmoid(gathered(self.gate_logit))
 
     @classmethod
     def prepare_call(cls, call: TokenCall, deltas: Sequence[PrefixDelta]) -> None:

@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from ..core.calibration import split_top_k
 from ..core.config import DeltaConfig
 from ..core.delta import Delta, Params
-from ..core.distributed import full_tensor
+from ..core.distributed import gathered
 from ..core.errors import ConfigError, StateError
 from ..core.geometry import LayerInfo, dense_weight
 from ..core.lifecycle import delta_layers, merged_adapters
@@ -292,7 +292,7 @@ class SparseDelta(Delta):
     def dense(self) -> Tensor:
         """Δ in the native weight layout (differentiable w.r.t. ``values``; FSDP2-sharded
         ``values``, as outside a forward, are gathered, differentiably)."""
-        index, values = self.indices, full_tensor(self.values)
+        index, values = self.indices, gathered(self.values)
         if self.frozen_values is not None:
             index = torch.cat([index, self.frozen_indices])
             values = torch.cat([values, self.frozen_values.to(values.dtype)])

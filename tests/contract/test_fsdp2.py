@@ -1,0 +1,103 @@
+"""Every registered method on FSDP2 shards (a one-process gloo group: parameters become
+``DTensor``s; two processes: ``test_distributed.py``).
+
+Each method's delta is injected into the tiny Llama, the model sharded per decoder layer and at
+its root — or at its root only for adapters with a module shared by every layer
+(``Delta.build_shared``), which FSDP2 cannot give to one layer's unit — and trained for a few
+steps with its schedule; an unsharded copy trains beside it. The sharded run has the copy's
+losses, saves the copy's adapter (gathered from the shards), and a schedule that reallocates
+parameters is refused up front.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_contract import PAIRS, delta_class, inject, make_config
+
+import deltatune as dt
+from deltatune.core.lifecycle import delta_layers
+from deltatune.core.state import adapter_tensors
+from helpers import assert_rel_close, perturb
+
+pytest.importorskip("transformers")
+fsdp = pytest.importorskip("torch.distributed.fsdp")
+
+CASES = [m for m, c in PAIRS if c.name == "llama" and m.label == str(m)]
+LLAMA = next(c for m, c in PAIRS if c.name == "llama")
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def group(tmp_path_factory: pytest.TempPathFactory):
+    import torch.distributed as dist
+
+    store = dist.FileStore(str(tmp_path_factory.mktemp("fsdp") / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def build(method):
+    model = LLAMA.build()
+    x = LLAMA.inputs()
+    fields = delta_class(method).config_class.__dataclass_fields__
+    extra = {"total_steps": STEPS} if "total_steps" in fields else {}
+    inject(model, make_config(method, model, **extra), "t", x)
+    perturb(model, scale=0.05)
+    return model.train(), x
+
+
+def shares_a_module(model) -> bool:
+    return any(getattr(d, "shared", None) is not None
+               for layer in delta_layers(model).values() for d in layer.deltas.values())
+
+
+def train(model, x, scheduled: bool) -> list[float]:
+    """``STEPS`` steps of AdamW on the delta (and the method's schedule, built after the
+    optimizer as a training loop builds it)."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    scheduler = dt.Scheduler(model, optimizer) if scheduled else None
+    losses = []
+    for _ in range(STEPS):
+        loss = model(**x, labels=x["input_ids"]).loss
+        if scheduler is not None:
+            loss = loss + scheduler.loss()
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("method", CASES, ids=str)
+def test_trains_and_saves_on_fsdp2_shards(method, group, tmp_path: Path):
+    model, x = build(method)
+    reference = copy.deepcopy(model)
+    if not shares_a_module(model):
+        for layer in model.model.layers:
+            fsdp.fully_shard(layer)
+    fsdp.fully_shard(model)
+    scheduled = delta_class(method).schedule_class is not None
+    if scheduled and dt.Scheduler(reference).schedules["t"].remaps:
+        with pytest.raises(dt.StateError, match="FSDP2-sharded parameters cannot follow"):
+            dt.Scheduler(model)  # refused before anything changed
+        return
+    expected = train(reference, x, scheduled)
+    assert max(expected) - min(expected) > 1e-4  # it trained: the comparison is not vacuous
+    torch.testing.assert_close(torch.tensor(train(model, x, scheduled)),
+                               torch.tensor(expected), rtol=1e-5, atol=1e-5)
+    dt.save(model, tmp_path / "a", name="t")
+    saved = load_file(str(tmp_path / "a" / "deltatune_model.safetensors"))
+    want = adapter_tensors(reference, "t")
+    assert saved.keys() == want.keys()
+    for key, value in want.items():
+        assert_rel_close(saved[key].float(), value.float(), 1e-5, key)
