@@ -286,8 +286,8 @@ class DeltaLayer(nn.Module):
                 current = new[key] if key in new else read_param(base, key)  # dequantized
                 if isinstance(current, Tensor):
                     new[key] = current + value.to(current.dtype)
-                else:
-                    new[key] = value.to(x.dtype if x.is_floating_point() else value.dtype)
+                else:  # created (a bias the layer lacks): in its parameters' dtype
+                    new[key] = value.to(_created_dtype(base, x, value))
         if summed is not None:
             plan = self._weight_plan
             leaves = [p for delta, _ in plan for p in delta.parameters() if p.requires_grad]
@@ -327,6 +327,14 @@ def _lean_linear(base: nn.Module, x: Tensor, args: tuple, kwargs: dict) -> bool:
     ``nn.Linear`` called with one input while autograd records (outside autocast)."""
     return (type(base) is nn.Linear and not args and not kwargs and torch.is_grad_enabled()
             and x.is_floating_point() and not torch.is_autocast_enabled(x.device.type))
+
+
+def _created_dtype(base: nn.Module, x: Tensor, value: Tensor) -> torch.dtype:
+    """The dtype of a parameter a weight-form delta creates on ``base`` for the forward: its
+    floating-point parameters' (a norm under autocast takes fp32 weight and bias together, not
+    one of them in the activation dtype), else the input's, else the delta's own."""
+    own = next((p.dtype for p in base.parameters() if p.is_floating_point()), None)
+    return own or (x.dtype if x.is_floating_point() else value.dtype)
 
 
 def _weight_sum(plan: Sequence[tuple[Delta, float]], dtype: torch.dtype) -> Tensor:
