@@ -126,7 +126,8 @@ def assert_unchanged(m: nn.Module, x: torch.Tensor, before: tuple) -> None:
     assert {p: (layer.active, layer.combine) for p, layer in delta_layers(m).items()} == layers
     assert all(layer._mix is None for layer in delta_layers(m).values())
     state = m.__dict__["_deltatune_per_sample"]
-    assert state.call is None and not state._tokens
+    assert state.call is None and not state._tokens.items
+    assert state.access._writer is None and not state.access._readers  # nothing held
     assert torch.equal(call(m, x), out)
 
 

@@ -44,6 +44,9 @@ intrinsic …), tokens-form deltas (prompt, prefix) or side networks (LST, QST: 
 modules' inputs for the whole batch) that differ between rows (give every row the same ones),
 nesting the context on one model. Changing which deltas are active inside the context is not
 supported: leaving it restores the activation from before.
+
+Threads (``core.concurrency``). A per-sample call or open context has the model to itself: other
+threads' calls wait for it, and it waits for theirs; plain calls run together.
 """
 
 from __future__ import annotations
@@ -56,9 +59,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .concurrency import Access, CallStack
 from .delta import Delta
 from .errors import AdapterNameError, StateError
 from .layers import DeltaLayer
+from .row_mix import LayerMix, plan_ops
 from .selection import Selection, batched_impl
 
 #: The reserved name of "no delta: the base model" (refused as an adapter name by ``inject``).
@@ -88,11 +93,15 @@ def per_sample(model: nn.Module, names: Sequence[str | Sequence[str]]) -> Iterat
             or tokens-form deltas; or the context is already open on ``model``.
     """
     state = _state(model)
-    saved = state.enter(names)
+    state.access.exclusive("a per-sample context")  # other threads' calls wait (concurrency)
     try:
-        yield model
+        saved = state.enter(names)
+        try:
+            yield model
+        finally:
+            state.exit(saved)
     finally:
-        state.exit(saved)
+        state.access.release_exclusive()
 
 
 def generate(model: nn.Module, *args: Any, adapter_names: Sequence[str | Sequence[str]],
@@ -131,75 +140,6 @@ def sync(model: nn.Module) -> None:
     elif state is not None:
         state.uninstall()
         del model.__dict__[_ATTR]
-
-
-# ------------------------------------------------------------------------- the layer's mix
-class _LayerMix:
-    """The forward of one layer whose rows chose different deltas (``DeltaLayer._mix``).
-
-    ``steps[j]``: the groups of slot ``j`` as ``(impl, mode, from_base, tap, selection)``;
-    ``pres[j]``: ``(impl, selection)`` of slot ``j``'s input transforms (``None``: none).
-    """
-
-    def __init__(self, steps: list[list[tuple]], pres: list[list[tuple]] | None) -> None:
-        self.steps = steps
-        self.pres = pres
-        first = steps[0][0] if len(steps) == 1 and len(steps[0]) == 1 else None
-        self.only = (first[0], first[4]) if (pres is None and first is not None
-                                             and first[1] == "forward" and first[3] is None) \
-            else None
-
-    def forward(self, layer: DeltaLayer, x: Tensor, args: tuple, kwargs: dict) -> Tensor:
-        steps, pres = self.steps, self.pres
-        if self.only is not None:  # the common case: one batched call (e.g. LoRAs)
-            impl, sel = self.only
-            return impl.batched_forward(sel, x, layer._base(x, args, kwargs))
-        inputs = None
-        if pres is not None:  # the input each slot sees: after its own and later pre()s
-            inputs = [x] * len(steps)
-            for j in range(len(steps) - 1, -1, -1):
-                for impl, sel in pres[j]:
-                    x = impl.batched_pre(sel, x)
-                inputs[j] = x
-        y0 = y = layer._base(x, args, kwargs)
-        for j, groups in enumerate(steps):
-            xj = x if inputs is None else inputs[j]
-            for impl, mode, from_base, tap, sel in groups:
-                xi = layer._tap_input(sel.deltas[1]) if tap else xj
-                if mode == "forward":
-                    y = impl.batched_forward(sel, xi, y)
-                elif mode == "effect":
-                    y = y + impl.batched_effect(sel, xi, y0)
-                else:
-                    y = _gated(sel, xi, y0 if from_base else y, y)
-        return y
-
-
-def _gated(sel: Selection, x: Tensor, source: Tensor, y: Tensor) -> Tensor:
-    """Gated deltas on their rows: ``y + g(z) · effect`` as ``DeltaLayer`` computes it."""
-    for k, delta in sel.chosen():
-        rows = sel.rows(k, x)
-        xr, sr = x.index_select(0, rows), source.index_select(0, rows)
-        effect = delta.effect(xr, sr) * delta.gate(delta.gate_input(xr, sr))
-        y = y.index_add(0, rows, effect.to(y.dtype))
-    return y
-
-
-def _ops(plan: list[Delta], weights: bool, combine: str) -> list[tuple[str, bool]]:
-    """``(mode, from_base)`` of each delta of one row's plan, as ``DeltaLayer`` runs it."""
-    sum_needed = combine == "sum" and sum(d.reads_output for d in plan) > 1
-    simple = not (weights or sum_needed or any(d.reads_tap or d.gated or d.transforms_input
-                                               for d in plan))
-    if simple:
-        return [("forward", False)] * len(plan)
-    summed = combine == "sum"
-    out = []
-    for d in plan:
-        if summed and d.reads_output:
-            out.append(("gated" if d.gated else "effect", True))
-        else:
-            out.append(("gated" if d.gated else "forward", False))
-    return out
 
 
 # ------------------------------------------------------------------------- the model state
@@ -251,7 +191,11 @@ class _State:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.call: _Call | None = None
-        self._tokens: list[Any] = []
+        #: Who runs the model now, and each thread's (pre-hook → post-hook) entries.
+        self.access = Access()
+        self._tokens = CallStack()
+        #: ``(DeltaLayer.revision, whether every call must run alone)``: see ``_alone``.
+        self._serial: tuple[int, bool] = (-1, False)
         self.reset()
 
     def reset(self) -> None:
@@ -281,19 +225,51 @@ class _State:
                     extra.pop(key, None)
 
     def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        self._tokens.append(None)
-        if "adapter_names" not in kwargs:
-            return None
-        kwargs = dict(kwargs)
-        names = kwargs.pop("adapter_names")
-        if names is not None:
-            self._tokens[-1] = self.enter(names, rows=_batch_rows(args, kwargs))
+        names = None
+        if "adapter_names" in kwargs:
+            kwargs = dict(kwargs)
+            names = kwargs.pop("adapter_names")
+        stack = self._tokens.items
+        stack.append(("none", None))  # the post-hook runs even when this one raises
+        if names is not None:  # this call alone: it rewrites every layer's plan
+            self.access.exclusive("a per-sample call")
+            try:
+                stack[-1] = ("exclusive", self.enter(names, rows=_batch_rows(args, kwargs)))
+            except BaseException:
+                self.access.release_exclusive()
+                raise
+        elif self._alone():
+            stack[-1] = ("alone", self.access.alone("a call of this model"))
+        else:
+            stack[-1] = ("shared", self.access.shared())
         return args, kwargs
 
     def _post(self, module: nn.Module, args: tuple, output: Any) -> None:
-        saved = self._tokens.pop() if self._tokens else None
-        if saved is not None:
-            self.exit(saved)
+        stack = self._tokens.items
+        if not stack:
+            return
+        kind, value = stack.pop()
+        if kind == "exclusive":
+            try:
+                self.exit(value)
+            finally:
+                self.access.release_exclusive()
+        elif kind == "alone" and value:
+            self.access.release_exclusive()
+        elif kind == "shared" and value:
+            self.access.release_shared()
+
+    def _alone(self) -> bool:
+        """Whether every call must run alone: some delta carries state between the hooks of
+        one call (side networks, sub-layer taps; ``core.concurrency``)."""
+        revision, alone = self._serial
+        if revision != DeltaLayer.revision:
+            from .lifecycle import delta_layers
+
+            alone = any(d.taps or d.reads_tap for layer in delta_layers(self.model).values()
+                        for d in layer.deltas.values())
+            self._serial = (DeltaLayer.revision, alone)
+        return alone
 
     # -------------------------------------------------------------------------- context
     def enter(self, names: Sequence[str | Sequence[str]], rows: int | None = None
@@ -369,7 +345,7 @@ class _State:
             DeltaLayer.revision = revision  # every temporary change above was undone
         return out
 
-    def _mix(self, path: str, layer: DeltaLayer, kept: list[tuple[str, ...]]) -> _LayerMix:
+    def _mix(self, path: str, layer: DeltaLayer, kept: list[tuple[str, ...]]) -> LayerMix:
         deltas = layer.deltas
         for kind, chosen, why in (
                 ("weight-form", lambda d: d.form == "weight", "change the layer's own parameters"),
@@ -385,7 +361,7 @@ class _State:
                     "the same of them (others may differ), or run those rows in separate batches")
         plans = [[deltas[n] for n in k if deltas[n].form == "output"] for k in kept]
         weights = any(deltas[n].form == "weight" for n in kept[0])
-        ops = [_ops(p, weights, layer.combine) for p in plans]
+        ops = [plan_ops(p, weights, layer.combine) for p in plans]
         stacks = self.stacks.setdefault(id(layer), OrderedDict())
         steps, pres = [], []
         for j in range(max(len(p) for p in plans)):
@@ -405,7 +381,7 @@ class _State:
                           for (impl, mode, base, tap), (c, t) in groups.items()])
             pres.append([(_same(impl, t), self._selection(c, t, stacks))
                          for impl, (c, t) in inputs.items()])
-        return _LayerMix(steps, pres if any(pres) else None)
+        return LayerMix(steps, pres if any(pres) else None)
 
     def _selection(self, choices: list, table: list, stacks: OrderedDict) -> Selection:
         return Selection(self, tuple(choices), tuple(table), stacks)

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from .concurrency import CallStack
 from .errors import TargetError
 
 if TYPE_CHECKING:
@@ -133,7 +134,7 @@ class _Hook:
     def __init__(self, root: nn.Module, module: nn.Module, encoder: bool) -> None:
         self.root, self.module, self.encoder = root, module, encoder
         self.layers: list[DeltaLayer] = []
-        self._tokens: list = []
+        self._tokens = CallStack()  # per thread: concurrent calls pair their own hooks
         self._params = _parameters(module)
         self.handles = [
             module.register_forward_pre_hook(self._pre, with_kwargs=True),
@@ -142,7 +143,7 @@ class _Hook:
 
     def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if _INSIDE.get():
-            self._tokens.append(None)
+            self._tokens.items.append(None)
             return None
         groups: dict[type[Delta], list[Delta]] = {}
         owners: dict[int, DeltaLayer] = {}
@@ -155,18 +156,19 @@ class _Hook:
                     groups.setdefault(type(delta), []).append(delta)
                     owners[id(delta)] = layer
         if not groups:
-            self._tokens.append(None)
+            self._tokens.items.append(None)
             return None
         kwargs = self._bind(args, kwargs)
         call = TokenCall(module, kwargs, *self._mode(kwargs), _layers=owners)
         for cls, deltas in groups.items():
             cls.prepare_call(call, deltas)
         call.finish()
-        self._tokens.append(_INSIDE.set(True))
+        self._tokens.items.append(_INSIDE.set(True))
         return (), call.kwargs
 
     def _post(self, module: nn.Module, args: tuple, output: Any) -> None:
-        token = self._tokens.pop() if self._tokens else None
+        stack = self._tokens.items
+        token = stack.pop() if stack else None
         if token is not None:
             _INSIDE.reset(token)
 
