@@ -194,6 +194,7 @@ class _State:
         #: Who runs the model now, and each thread's (pre-hook → post-hook) entries.
         self.access = Access()
         self._tokens = CallStack()
+        self._traced: list[Any] = []  # the same while torch.compile traces (one thread)
         #: ``(DeltaLayer.revision, whether every call must run alone)``: see ``_alone``.
         self._serial: tuple[int, bool] = (-1, False)
         self.reset()
@@ -229,6 +230,10 @@ class _State:
         if "adapter_names" in kwargs:
             kwargs = dict(kwargs)
             names = kwargs.pop("adapter_names")
+        if torch.compiler.is_compiling():  # traced into a graph: no Python-side gate
+            self._traced.append(None if names is None else
+                                self.enter(names, rows=_batch_rows(args, kwargs)))
+            return args, kwargs
         stack = self._tokens.items
         stack.append(("none", None))  # the post-hook runs even when this one raises
         if names is not None:  # this call alone: it rewrites every layer's plan
@@ -245,6 +250,11 @@ class _State:
         return args, kwargs
 
     def _post(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if torch.compiler.is_compiling():
+            saved = self._traced.pop() if self._traced else None
+            if saved is not None:
+                self.exit(saved)
+            return
         stack = self._tokens.items
         if not stack:
             return
