@@ -1,7 +1,9 @@
 """Copies of an adapted model, for every registered method on every architecture it adapts:
 a ``copy.deepcopy`` (a reference model, an EMA copy) is independent of the original — its hooks
-feed its own deltas, its gradients reach its own parameters — and a whole-model
-``torch.save`` / ``torch.load`` gives back the same function."""
+feed its own deltas, its gradients reach its own parameters —, a whole-model ``torch.save`` /
+``torch.load`` gives back the same function, and ``model.state_dict()`` keeps the unadapted
+model's keys for its tensors (the deltas' beside them): it loads into the base model as its
+base, and into an adapted one whole."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import pytest
 import torch
 from test_contract import PAIRS, inject, make_config
 
+import deltatune as dt
 from helpers import assert_rel_close, perturb
 from zoo import run
 
@@ -64,3 +67,28 @@ def test_whole_model_save_and_load(pair):
     x = other_inputs(x)
     with torch.no_grad():
         assert_rel_close(run(back, x), run(model, x), 1e-6)
+
+
+@pytest.mark.parametrize("pair", CASES, ids=[f"{m}-{c.name}" for m, c in CASES])
+def test_state_dict_keeps_the_base_models_keys(pair):
+    method, case = pair
+    model, x = adapted(method, case)
+    plain = case.build()
+    state = model.state_dict()
+    ours = {k for k in state if ".deltas." not in k}
+    assert ours == set(plain.state_dict())  # the base's tensors under the base's own keys
+    assert all(torch.equal(state[k], v) for k, v in plain.state_dict().items())
+
+    plain.load_state_dict({k: v for k, v in state.items() if k in ours})  # the base
+    fresh = case.build()  # the same base (data-initialised frozen copies are rebuilt from
+    torch.manual_seed(5)  # it, not saved), another initialisation of the trained tensors
+    inject(fresh, make_config(method, fresh), "a", x)
+    with torch.no_grad():
+        for p in fresh.parameters():  # and other base weights, which the state dict restores
+            p.add_(0.5)
+    fresh.load_state_dict(state)  # strict: every key, base and deltas
+    x = other_inputs(x)
+    with torch.no_grad():
+        assert_rel_close(run(fresh, x), run(model, x), 1e-6, "adapted model reloaded")
+        with dt.disabled(model):
+            assert_rel_close(run(plain, x), run(model, x), 1e-6, "base model reloaded")

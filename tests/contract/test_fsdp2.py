@@ -5,8 +5,9 @@ Each method's delta is injected into the tiny Llama, the model sharded per decod
 its root — or at its root only for adapters with a module shared by every layer
 (``Delta.build_shared``), which FSDP2 cannot give to one layer's unit — and trained for a few
 steps with its schedule; an unsharded copy trains beside it. The sharded run has the copy's
-losses, saves the copy's adapter (gathered from the shards), and a schedule that reallocates
-parameters is refused up front.
+losses, saves the copy's adapter (gathered from the shards), and its whole-model checkpoint
+(``torch.distributed.checkpoint``, full state dict) loads into another sharded model; a schedule
+that reallocates parameters is refused up front.
 """
 
 from __future__ import annotations
@@ -59,6 +60,14 @@ def shares_a_module(model) -> bool:
                for layer in delta_layers(model).values() for d in layer.deltas.values())
 
 
+def shard(model) -> None:
+    """Per decoder layer and at the root; at the root only for an adapter-wide shared module."""
+    if not shares_a_module(model):
+        for layer in model.model.layers:
+            fsdp.fully_shard(layer)
+    fsdp.fully_shard(model)
+
+
 def train(model, x, scheduled: bool) -> list[float]:
     """``STEPS`` steps of AdamW on the delta (and the method's schedule, built after the
     optimizer as a training loop builds it)."""
@@ -82,10 +91,7 @@ def train(model, x, scheduled: bool) -> list[float]:
 def test_trains_and_saves_on_fsdp2_shards(method, group, tmp_path: Path):
     model, x = build(method)
     reference = copy.deepcopy(model)
-    if not shares_a_module(model):
-        for layer in model.model.layers:
-            fsdp.fully_shard(layer)
-    fsdp.fully_shard(model)
+    shard(model)
     scheduled = delta_class(method).schedule_class is not None
     if scheduled and dt.Scheduler(reference).schedules["t"].remaps:
         with pytest.raises(dt.StateError, match="FSDP2-sharded parameters cannot follow"):
@@ -101,3 +107,24 @@ def test_trains_and_saves_on_fsdp2_shards(method, group, tmp_path: Path):
     assert saved.keys() == want.keys()
     for key, value in want.items():
         assert_rel_close(saved[key].float(), value.float(), 1e-5, key)
+
+    # a whole-model checkpoint through torch.distributed.checkpoint (as accelerate writes one):
+    # gathered, then loaded into another sharded model of the same structure. Not for an
+    # adapter-wide shared module: registered under every delta, it has one key per delta, and
+    # torch's loader distributes a parameter under one name only (use dt.save / dt.load).
+    if shares_a_module(model):
+        return
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        set_model_state_dict,
+    )
+    whole = StateDictOptions(full_state_dict=True)
+    state = get_model_state_dict(model, options=whole)
+    other, _ = build(method)
+    shard(other)
+    set_model_state_dict(other, state, options=whole)
+    model.eval()
+    other.eval()
+    with torch.no_grad():
+        assert_rel_close(other(**x).logits, model(**x).logits, 1e-6, "reloaded checkpoint")

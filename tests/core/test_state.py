@@ -313,3 +313,41 @@ def test_families_round_trip(tmp_path):
         dt.inject(model, dt.LoraConfig(rank=2), name="x")
         dt.save(model, tmp_path / family)
         dt.load(FAMILIES[family](), tmp_path / family)
+
+
+def test_model_state_dicts_of_adapted_models():
+    """``model.state_dict()`` names the base tensors as the unadapted model does: a checkpoint
+    of the adapted model (``save_pretrained``, as the HF Trainer writes it) loads with
+    ``from_pretrained`` as the base model, or as the adapted one once merged; state dicts in the
+    wrapped spelling (``…q_proj.base_layer.weight``, from before) still load."""
+    import tempfile
+
+    from transformers import LlamaForCausalLM
+
+    case = LLAMA
+    model = case.build()
+    x = case.inputs()["input_ids"]
+    with torch.no_grad():
+        base = model(x).logits
+    dt.inject(model, dt.LoraConfig(rank=4), name="a")
+    perturb(model, scale=0.1)
+    with torch.no_grad():
+        adapted = model(x).logits
+    wrapped = {}
+    for key, value in model.state_dict().items():
+        if ".deltas." not in key and key.endswith(("proj.weight",)):
+            key = key.replace(".weight", ".base_layer.weight")
+        wrapped[key] = value
+    fresh = case.build(seed=4)
+    dt.inject(fresh, dt.LoraConfig(rank=4), name="a")
+    fresh.load_state_dict(wrapped)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x).logits, adapted)
+    for merge, want in ((False, base), (True, adapted)):
+        if merge:
+            dt.merge(model)
+        with tempfile.TemporaryDirectory() as out:
+            model.save_pretrained(out)
+            reloaded = LlamaForCausalLM.from_pretrained(out)  # warns: the deltas' keys
+        with torch.no_grad():
+            torch.testing.assert_close(reloaded(x).logits, want, rtol=1e-4, atol=1e-4)

@@ -53,6 +53,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from .delta import Delta
+from .distributed import is_sharded, like
 from .geometry import LayerInfo, read_param
 from .recompute import lean_inputs
 
@@ -97,6 +98,9 @@ class DeltaLayer(nn.Module):
         self._weights: tuple[float, ...] | None = None
         #: Rows of the batch choose different deltas (``core.per_sample``); ``None`` outside.
         self._mix: Any = None
+        # state dicts name the base layer's tensors as the unwrapped model does (see below)
+        self._register_state_dict_hook(DeltaLayer._base_keys_out)
+        self._register_load_state_dict_pre_hook(self._base_keys_in)
 
     # ----------------------------------------------------------------------------- state
     def add(self, name: str, delta: Delta, tap_module: nn.Module | None = None,
@@ -304,6 +308,31 @@ class DeltaLayer(nn.Module):
                 f"before this layer ran; the model does not call {delta.info.tap!r} before "
                 f"{delta.path!r}, so target the layer itself instead of its sub-layer name")
         return value
+
+    # ------------------------------------------------------------------------- state dicts
+    # ``model.state_dict()`` keeps the base model's own keys for the base layer's tensors
+    # (``q_proj.weight``, not ``q_proj.base_layer.weight``), the deltas' beside them
+    # (``q_proj.deltas.<name>.…``): a checkpoint of an adapted model (``save_pretrained``, the
+    # HF Trainer's) loads into the unadapted model as its base (merged deltas included), and
+    # back into an adapted one whole. Loading accepts both spellings.
+    @staticmethod
+    def _base_keys_out(module: nn.Module, state: dict, prefix: str, metadata: Any) -> None:
+        inner = prefix + "base_layer."
+        for key in [k for k in state if k.startswith(inner)]:
+            state[prefix + key[len(inner):]] = state.pop(key)
+
+    def _base_keys_in(self, state: dict, prefix: str, *args: Any) -> None:
+        own = (prefix + "base_layer.", prefix + "deltas.")
+        tensors = None
+        for key in [k for k in state if k.startswith(prefix) and not k.startswith(own)]:
+            value = state.pop(key)
+            if tensors is None:
+                tensors = dict(self.base_layer.state_dict(keep_vars=True))
+            target = tensors.get(key[len(prefix):])
+            if isinstance(value, Tensor) and target is not None and is_sharded(target) \
+                    and not is_sharded(value):  # a whole tensor for an FSDP2 shard
+                value = like(value, target)
+            state[own[0] + key[len(prefix):]] = value
 
     # ----------------------------------------------------------------------------- access
     def __getattr__(self, name: str) -> Any:
