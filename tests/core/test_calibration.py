@@ -331,3 +331,50 @@ def test_norm_layers_have_no_matrix_form():
     model = nn.Sequential(nn.LayerNorm(12))
     with pytest.raises(dt.ConfigError, match="norm layers have none"):
         calibrate(model, targets(model, "0"), {"input_cov"}, batches(1))
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "int8"])
+def test_gradient_statistics_of_quantized_layers(scheme):
+    """A quantized weight is no differentiable parameter: its gradient is ``Σ gᵀ x`` with ``g``
+    read through a zero probe on the layer's output. Every layer's statistics equal those of
+    the same model with the weights dequantized (plain Linear layers, autograd's gradients),
+    earlier layers included (the probes do not cut the graph)."""
+    pytest.importorskip("torchao")
+    from deltatune import quant
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 64), nn.GELU(),
+                          nn.Linear(64, 8))
+    quant.quantize(model, scheme, targets=["0", "2", "4"])
+    plain = quant.dequantize(__import__("copy").deepcopy(model))
+    data = batches(2, shape=(3, 4, 64))
+    needs = ["weight_grad", "weight_grad_sq", "fisher", "input_cov"]
+    paths = ("0", "2", "4")
+
+    def loss_fn(out, batch):
+        return out.float().pow(2).mean()
+
+    got = calibrate(model, targets(model, *paths), needs, data, loss_fn=loss_fn)
+    want = calibrate(plain, targets(plain, *paths), needs, data, loss_fn=loss_fn)
+    for path in paths:
+        for name in needs:
+            assert_rel_close(got[path][name], want[path][name], 1e-5, f"{path} {name}")
+    assert all(p.grad is None for p in model.parameters())  # nothing written
+
+
+def test_lora_ga_initialises_on_a_quantized_base():
+    pytest.importorskip("torchao")
+    from deltatune import quant
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 8))
+    quant.quantize(model, "nf4", targets=["0"])
+    x = batches(1, shape=(3, 64))[0]
+    with torch.no_grad():
+        before = model(x)
+    dt.inject(model, dt.LoraGAConfig(rank=2, targets=["0"]), name="ga", data=[x],
+              loss_fn=lambda out, batch: out.pow(2).mean())
+    delta = model[0].deltas["ga"]
+    assert delta.B.abs().sum() > 0 and delta.A.abs().sum() > 0  # from the gradient's SVD
+    with torch.no_grad():
+        assert_rel_close(model(x), before, 1e-5)  # LoRA-GA starts as the base (frozen copy)

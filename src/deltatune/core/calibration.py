@@ -47,7 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import ConfigError
-from .geometry import LayerInfo
+from .geometry import LayerInfo, is_quantized
 from .targeting import Matcher
 
 #: The statistics a ``Delta.calibration`` may name.
@@ -167,17 +167,25 @@ class _Pass:
         self.observing = True  # whether the covariance hooks count the current forward
         self.seen: set[str] = set()
         self.weights: dict[str, Tensor] = {}
+        #: Quantized layers: their weight gradient is ``Σ gᵀ x`` from a zero probe added to
+        #: the output (``g = ∂L/∂probe``) and the input, both kept for the current forward.
+        self.probed: dict[str, list[tuple[Tensor, Tensor]]] = {}
         for path, (module, info) in layers.items():
             weight = getattr(module, "weight", None)
             if not isinstance(weight, Tensor) or not weight.is_floating_point():
                 raise ConfigError(f"{path}: calibration needs a floating-point weight; this "
-                                  "layer has none (quantized?)")
+                                  "layer has none")
             zeros = dict(device=weight.device, dtype=torch.float32)
             if self.cov:
                 self.sums[path]["input_cov"] = torch.zeros(info.in_dim, info.in_dim, **zeros)
             for name in sorted(needs & GRADIENTS):
                 self.sums[path][name] = torch.zeros(info.out_dim, info.in_dim, **zeros)
-            if self.grad:
+            if self.grad and is_quantized(module):
+                if info.kind != "linear":
+                    raise ConfigError(f"{path}: gradient statistics of a quantized "
+                                      f"{info.kind} layer are not supported; exclude it")
+                self.probed[path] = []
+            elif self.grad:
                 self.weights[path] = weight
 
     @contextlib.contextmanager
@@ -197,6 +205,8 @@ class _Pass:
             if self.cov:
                 handles = [module.register_forward_pre_hook(self._hook(path), with_kwargs=True)
                            for path, (module, _) in self.layers.items()]
+            handles += [self.layers[path][0].register_forward_hook(self._probe(path))
+                        for path in self.probed]
             yield
         finally:
             for handle in handles:
@@ -216,6 +226,21 @@ class _Pass:
                 return
             with torch.no_grad():
                 self.tokens[path] += _accumulate_cov(acc, info, x.detach())
+
+        return hook
+
+    def _probe(self, path: str):
+        """Output hook of a quantized layer: ``y + 0`` through a zero leaf whose gradient is
+        ``∂L/∂y`` (the graph continues through it, so every earlier layer's gradient stays
+        exact), and the input it multiplies."""
+        kept = self.probed[path]
+
+        def hook(mod: nn.Module, args: tuple, output: Any) -> Any:
+            if not (torch.is_grad_enabled() and isinstance(output, Tensor) and args):
+                return None
+            probe = torch.zeros_like(output, requires_grad=True)
+            kept.append((probe, args[0].detach()))
+            return output + probe
 
         return hook
 
@@ -247,14 +272,24 @@ class _Pass:
                 return {}
             loss = self._loss(output, batch)
             unique = list({id(w): w for w in self.weights.values()}.values())
-            found = dict(zip([id(w) for w in unique],
-                             torch.autograd.grad(loss, unique, allow_unused=True), strict=True))
+            probes = [(path, probe, x) for path, kept in self.probed.items()
+                      for probe, x in kept]
+            for kept in self.probed.values():
+                kept.clear()
+            grads = torch.autograd.grad(loss, [*unique, *(p for _, p, _ in probes)],
+                                        allow_unused=True)
+            found = dict(zip([id(w) for w in unique], grads, strict=False))
         out = {}
         for path, weight in self.weights.items():
             g = found[id(weight)]
             if g is not None:
                 self.seen.add(path)
                 out[path] = self.layers[path][1].weight_matrix(g).float()
+        for (path, _, x), g in zip(probes, grads[len(unique):], strict=True):
+            if g is not None:  # ∂L/∂W = Σ over positions of gᵀ x (every call of the layer)
+                self.seen.add(path)
+                gw = g.reshape(-1, g.shape[-1]).float().t() @ x.reshape(-1, x.shape[-1]).float()
+                out[path] = gw if path not in out else out[path] + gw
         return out
 
     def _loss(self, output: Any, batch: Any) -> Tensor:
