@@ -114,6 +114,27 @@ def greedy_by_hand(model, ids, mask, steps):
     return ids
 
 
+def train_steps(model: nn.Module, loss_of: Callable[[nn.Module], Tensor], steps: int, lr: float,
+                scheduled: bool) -> tuple[list[float], list[float]]:
+    """``steps`` steps of AdamW on the trainable parameters, with the model's schedules
+    (``dt.Scheduler``, built after the optimizer, its ``loss()`` added) when ``scheduled``:
+    the losses, and the schedules' loss terms, per step."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    scheduler = dt.Scheduler(model, optimizer) if scheduled else None
+    losses, terms = [], []
+    for _ in range(steps):
+        term = scheduler.loss() if scheduler is not None else torch.zeros(())
+        loss = loss_of(model) + term
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+        terms.append(float(torch.as_tensor(term).detach()))
+    return losses, terms
+
+
 def checkpoint_and_resume(model: nn.Module, optimizer: torch.optim.Optimizer,
                           scheduler: dt.Scheduler, name: str, rebuild: Callable[[], nn.Module],
                           make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],

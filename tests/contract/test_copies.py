@@ -12,23 +12,13 @@ import io
 
 import pytest
 import torch
-from test_contract import PAIRS, inject, make_config
+from test_contract import PAIRS, adapted, inject, make_config
 
 import deltatune as dt
-from helpers import assert_rel_close, perturb
+from helpers import assert_rel_close
 from zoo import run
 
 CASES = [(m, c) for m, c in PAIRS if m.label == str(m)]
-
-
-def adapted(method, case):
-    model = case.build()
-    x = case.inputs()
-    inject(model, make_config(method, model), "a", x)
-    perturb(model, scale=0.05)
-    with torch.no_grad():
-        run(model, x)  # deltas that keep per-call state have run once before the copy
-    return model, x
 
 
 def other_inputs(x):
@@ -39,7 +29,7 @@ def other_inputs(x):
 @pytest.mark.parametrize("pair", CASES, ids=[f"{m}-{c.name}" for m, c in CASES])
 def test_a_deep_copy_is_independent(pair):
     method, case = pair
-    model, x = adapted(method, case)
+    model, x, _, _ = adapted(method, case)
     clone = copy.deepcopy(model)
     with torch.no_grad():  # the same change to both: equal functions again, new values
         for m in (model, clone):
@@ -59,7 +49,7 @@ def test_a_deep_copy_is_independent(pair):
 @pytest.mark.parametrize("pair", CASES, ids=[f"{m}-{c.name}" for m, c in CASES])
 def test_whole_model_save_and_load(pair):
     method, case = pair
-    model, x = adapted(method, case)
+    model, x, _, _ = adapted(method, case)
     buffer = io.BytesIO()
     torch.save(model, buffer)
     buffer.seek(0)
@@ -72,7 +62,7 @@ def test_whole_model_save_and_load(pair):
 @pytest.mark.parametrize("pair", CASES, ids=[f"{m}-{c.name}" for m, c in CASES])
 def test_state_dict_keeps_the_base_models_keys(pair):
     method, case = pair
-    model, x = adapted(method, case)
+    model, x, _, _ = adapted(method, case)
     plain = case.build()
     state = model.state_dict()
     ours = {k for k in state if ".deltas." not in k}

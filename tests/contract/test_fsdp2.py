@@ -23,7 +23,7 @@ from test_contract import PAIRS, delta_class, inject, make_config
 import deltatune as dt
 from deltatune.core.lifecycle import delta_layers
 from deltatune.core.state import adapter_tensors
-from helpers import assert_rel_close, perturb
+from helpers import assert_rel_close, perturb, train_steps
 
 pytest.importorskip("transformers")
 fsdp = pytest.importorskip("torch.distributed.fsdp")
@@ -69,22 +69,9 @@ def shard(model) -> None:
 
 
 def train(model, x, scheduled: bool) -> list[float]:
-    """``STEPS`` steps of AdamW on the delta (and the method's schedule, built after the
-    optimizer as a training loop builds it)."""
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    scheduler = dt.Scheduler(model, optimizer) if scheduled else None
-    losses = []
-    for _ in range(STEPS):
-        loss = model(**x, labels=x["input_ids"]).loss
-        if scheduler is not None:
-            loss = loss + scheduler.loss()
-        loss.backward()
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    return losses
+    """``STEPS`` steps of AdamW on the delta (and the method's schedule)."""
+    return train_steps(model, lambda m: m(**x, labels=x["input_ids"]).loss, STEPS, 1e-2,
+                       scheduled)[0]
 
 
 @pytest.mark.parametrize("method", CASES, ids=str)

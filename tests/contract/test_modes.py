@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_contract import PAIRS, inject, make_config
+from test_contract import PAIRS, adapted
 
-from helpers import assert_rel_close, perturb
+from helpers import assert_rel_close
 from zoo import run
 
 CASES = [(m, c) for m, c in PAIRS if m.label == str(m)]
@@ -17,18 +17,10 @@ CASES = [(m, c) for m, c in PAIRS if m.label == str(m)]
 AUTOCAST_TOL = 5e-2
 
 
-def adapted(method, case):
-    model = case.build()
-    x = case.inputs()
-    inject(model, make_config(method, model), "a", x)
-    perturb(model, scale=0.05)
-    return model, x
-
-
 @pytest.mark.parametrize("pair", CASES, ids=[f"{m}-{c.name}" for m, c in CASES])
 def test_training_under_autocast(pair):
     method, case = pair
-    model, x = adapted(method, case)
+    model, x, _, _ = adapted(method, case)
     model.train()
     with torch.no_grad():
         want = run(model, x)
@@ -46,7 +38,7 @@ def test_training_under_autocast(pair):
 @pytest.mark.parametrize("pair", CASES, ids=[f"{m}-{c.name}" for m, c in CASES])
 def test_inference_mode_equals_no_grad(pair):
     method, case = pair
-    model, x = adapted(method, case)
+    model, x, _, _ = adapted(method, case)
     model.eval()
     with torch.inference_mode():
         y = run(model, x)

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 import deltatune as dt
 import zoo
 from deltatune.core.state import adapter_tensors
-from helpers import assert_rel_close
+from helpers import assert_rel_close, train_steps
 
 pytest.importorskip("transformers")
 worker = pytest.importorskip("dist_worker")
@@ -136,21 +136,10 @@ def test_reads_outside_a_units_forward_train_fsdp2_shards_as_one_process(
     ones, and two processes train as one on the whole batch."""
     config = worker.config_for(mode)
     model = worker.build(config)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
-                                  lr=worker.LR)
-    scheduler = dt.Scheduler(model, optimizer) if mode in worker.SCHEDULED else None
-    ids, losses, terms = worker.batch(), [], []
-    for _ in range(worker.STEPS):
-        term = scheduler.loss() if scheduler is not None else torch.zeros(())
-        loss = model(input_ids=ids, labels=ids).loss + term
-        loss.backward()
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-        terms.append(term.detach().item())
-    if scheduler is not None:
+    ids = worker.batch()
+    losses, terms = train_steps(model, lambda m: m(input_ids=ids, labels=ids).loss,
+                                worker.STEPS, worker.LR, mode in worker.SCHEDULED)
+    if mode in worker.SCHEDULED:
         assert min(terms) > 1e-3  # the regulariser is part of the loss (not a vacuous check)
     assert losses[-1] < losses[0] - 1e-3  # it trained
 

@@ -13,6 +13,21 @@ CONFIGS = [  # (BM, BN, BK, stages, warps)
 
 
 @triton.jit
+def _product(acc, a, b, rm, rn, in_m, in_n, K, s_ak, s_bk, s_am, s_bn,
+             BK: tl.constexpr):
+    """``acc + a[rm, :] @ b[:, rn]`` over the inner dimension ``K``, ``BK`` at a time."""
+    rk = tl.arange(0, BK)
+    for k in range(0, tl.cdiv(K, BK)):
+        kk = k * BK + rk
+        a_tile = tl.load(a + rm[:, None] * s_am + kk[None, :] * s_ak,
+                         mask=in_m & (kk[None, :] < K), other=0.0)
+        b_tile = tl.load(b + kk[:, None] * s_bk + rn[None, :] * s_bn,
+                         mask=(kk[:, None] < K) & in_n, other=0.0)
+        acc = tl.dot(a_tile, b_tile, acc)
+    return acc
+
+
+@triton.jit
 def kernel(a1, b1, a2, b2, bias, out, M, N, K1, K2,
            s_a1m, s_a1k, s_b1k, s_b1n, s_a2m, s_a2k, s_b2k, s_b2n, s_om, s_on, alpha,
            M_BUCKET, HAS_BIAS: tl.constexpr, BK2: tl.constexpr,
@@ -33,24 +48,11 @@ def kernel(a1, b1, a2, b2, bias, out, M, N, K1, K2,
     rn = (pid_n * BN + tl.arange(0, BN)).to(tl.int64)
     in_m = rm[:, None] < M
     in_n = rn[None, :] < N
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    rk = tl.arange(0, BK)
-    for k in range(0, tl.cdiv(K1, BK)):
-        kk = k * BK + rk
-        a = tl.load(a1 + rm[:, None] * s_a1m + kk[None, :] * s_a1k,
-                    mask=in_m & (kk[None, :] < K1), other=0.0)
-        b = tl.load(b1 + kk[:, None] * s_b1k + rn[None, :] * s_b1n,
-                    mask=(kk[:, None] < K1) & in_n, other=0.0)
-        acc = tl.dot(a, b, acc)
-    low = tl.zeros((BM, BN), dtype=tl.float32)  # the low-rank product, scaled once at the end
-    rk2 = tl.arange(0, BK2)
-    for k in range(0, tl.cdiv(K2, BK2)):
-        kk = k * BK2 + rk2
-        a = tl.load(a2 + rm[:, None] * s_a2m + kk[None, :] * s_a2k,
-                    mask=in_m & (kk[None, :] < K2), other=0.0)
-        b = tl.load(b2 + kk[:, None] * s_b2k + rn[None, :] * s_b2n,
-                    mask=(kk[:, None] < K2) & in_n, other=0.0)
-        low = tl.dot(a, b, low)
+    acc = _product(tl.zeros((BM, BN), dtype=tl.float32), a1, b1, rm, rn, in_m, in_n, K1,
+                   s_a1k, s_b1k, s_a1m, s_b1n, BK)
+    # the low-rank product, scaled once at the end
+    low = _product(tl.zeros((BM, BN), dtype=tl.float32), a2, b2, rm, rn, in_m, in_n, K2,
+                   s_a2k, s_b2k, s_a2m, s_b2n, BK2)
     acc += alpha * low
     if HAS_BIAS:
         acc += tl.load(bias + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
