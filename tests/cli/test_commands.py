@@ -104,6 +104,26 @@ def test_compare_entries_from_files_and_scoped_sets(tiny_model: Path, cls_data: 
                  "ia3", "--set", "rank=2", "-o", str(out)]) == 2
 
 
+def test_compare_checks_every_entry_before_training_any(tiny_model: Path, cls_data: Path,
+                                                         tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]
+                                                         ) -> None:
+    """An entry that cannot adapt the model (BitFit on bias-free layers) stops the comparison
+    before the first entry trains, naming the entry and how to set its fields; set, it runs."""
+    out = tmp_path / "cmp"
+    args = ["compare", "--model", str(tiny_model), "--data", str(cls_data), "--methods",
+            "lora,bitfit", "--steps", "2", "--max-train", "32", "--max-eval", "8", "--no-plot",
+            "-o", str(out), *QUIET]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "bitfit: targets entry" in err and "add_missing=True" in err
+    assert "nothing was trained" in err and "--set bitfit.FIELD=VALUE" in err
+    assert not out.exists()
+    assert main([*args, "--set", "bitfit.add_missing=true"]) == 0
+    rows = json.loads((out / "compare.json").read_text())["rows"]
+    assert [r["label"] for r in rows] == ["lora", "bitfit"]
+
+
 # ---------------------------------------------------------------------------------- merge
 def test_linear_merge_of_loras_is_exact(tiny_model: Path, lm_runs: list[Path],
                                         tmp_path: Path) -> None:

@@ -174,25 +174,28 @@ def compare(config: RunConfig, entries: Sequence[Entry], *, budget: int | None =
     Raises:
         ConfigError: no entries, or bad shared settings.
     """
-    from .models import load_model, load_tokenizer
-    from .run import prepare_data, train
+    from .models import load_tokenizer, model_skeleton
+    from .run import read_data, train
 
     if not entries:
         raise ConfigError("nothing to compare")
+    if budget is not None and budget < 1:
+        raise ConfigError(f"--equal-budget must be a positive parameter count, got {budget}")
+    if config.model is not None:  # every entry checked on the model before any trains
+        tokenizer = load_tokenizer(config.model)
+        tables = read_data(config)
+        skeleton = model_skeleton(config.model, tables.columns.task,
+                                  label_names=tables.label_names or (),
+                                  pad_id=tokenizer.pad_token_id)
+        for e in entries:
+            if budget is not None:
+                e.config, e.sized = fit_budget(skeleton, e.config, budget)
+            _check(skeleton, e)
+        del skeleton
+    elif budget is not None:
+        raise ConfigError("no model: pass --model")
     out = Path(output or "runs/compare")
     out.mkdir(parents=True, exist_ok=True)
-    if budget is not None:
-        if budget < 1:
-            raise ConfigError(f"--equal-budget must be a positive parameter count, got {budget}")
-        if config.model is None:
-            raise ConfigError("no model: pass --model")
-        tokenizer = load_tokenizer(config.model)
-        train_set, _, columns = prepare_data(config, tokenizer)
-        sizing = load_model(config.model, columns.task, label_names=train_set.label_names,
-                            pad_id=tokenizer.pad_token_id).model
-        for e in entries:
-            e.config, e.sized = fit_budget(sizing, e.config, budget)
-        del sizing
     rows = []
     for i, e in enumerate(entries, 1):
         say(f"\n[{i}/{len(entries)}] {e.label}: {e.config.method}"
@@ -204,6 +207,19 @@ def compare(config: RunConfig, entries: Sequence[Entry], *, budget: int | None =
         record = train(run, measure_memory=True)
         rows.append(_row(e, record))
     return _report(config, rows, out, budget)
+
+
+def _check(model: Any, e: Entry) -> None:
+    """``e``'s delta resolves on ``model`` (its targets, its sizes: ``cost``), or a
+    ``ConfigError`` naming the entry, before anything trains."""
+    from ..core.accounting import cost
+    from ..core.errors import DeltaError
+
+    try:
+        cost(model, e.config)
+    except DeltaError as exc:
+        raise ConfigError(f"{e.label}: {exc} (nothing was trained; set a field of this "
+                          f"method's alone with --set {e.config.method}.FIELD=VALUE)") from exc
 
 
 def _row(e: Entry, record: Mapping[str, Any]) -> dict[str, Any]:

@@ -130,6 +130,41 @@ class Loaded:
     new_params: dict[str, nn.Parameter] = field(default_factory=dict)
 
 
+def _task_class(task: str, label_names: Sequence[str], pad_id: int | None
+                ) -> tuple[Any, dict[str, Any]]:
+    """The transformers auto class for ``task`` and the config keywords it needs."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    if task != "classification":
+        return AutoModelForCausalLM, {}
+    names = list(label_names)
+    kwargs: dict[str, Any] = dict(num_labels=len(names), id2label=dict(enumerate(names)),
+                                  label2id={n: i for i, n in enumerate(names)})
+    if pad_id is not None:
+        kwargs["pad_token_id"] = pad_id
+    return AutoModelForSequenceClassification, kwargs
+
+
+def model_skeleton(model_id: str, task: str, *, label_names: Sequence[str] = (),
+                   pad_id: int | None = None) -> nn.Module:
+    """The model's modules on the ``meta`` device (no weights read, nothing allocated): enough
+    to resolve targets and count a delta's parameters (``deltatune.cost``).
+
+    Raises:
+        ConfigError: no model config at ``model_id``.
+    """
+    from transformers import AutoConfig
+
+    cls, kwargs = _task_class(task, label_names, pad_id)
+    try:
+        with quiet_transformers():
+            config = AutoConfig.from_pretrained(model_id, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot load a {task} model from {model_id!r}: {exc}") from exc
+    with torch.device("meta"), quiet_transformers():
+        return cls.from_config(config)
+
+
 def load_model(model_id: str, task: str, *, label_names: Sequence[str] = (),
                pad_id: int | None = None, dtype: str = "float32",
                device: str | torch.device = "cpu") -> Loaded:
@@ -138,21 +173,11 @@ def load_model(model_id: str, task: str, *, label_names: Sequence[str] = (),
     Raises:
         ConfigError: nothing loadable at ``model_id``.
     """
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
     torch_dtype = getattr(torch, dtype, None)
     if not isinstance(torch_dtype, torch.dtype):
         raise ConfigError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
-    kwargs: dict[str, Any] = {"dtype": torch_dtype, "output_loading_info": True}
-    if task == "classification":
-        cls = AutoModelForSequenceClassification
-        names = list(label_names)
-        kwargs.update(num_labels=len(names), id2label=dict(enumerate(names)),
-                      label2id={n: i for i, n in enumerate(names)})
-        if pad_id is not None:
-            kwargs["pad_token_id"] = pad_id
-    else:
-        cls = AutoModelForCausalLM
+    cls, extra = _task_class(task, label_names, pad_id)
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "output_loading_info": True, **extra}
     try:
         with quiet_transformers():
             model, info = cls.from_pretrained(model_id, **kwargs)
