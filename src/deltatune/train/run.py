@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ..core.errors import ConfigError
+from ..core.errors import ConfigError, TargetError
 from . import data as data_mod
 from .loop import Result, Settings, Trainer
 from .metrics import DIRECTION, check_metric
@@ -264,7 +264,10 @@ def prepare(c: RunConfig) -> Prepared:
                           pad_id=tokenizer.pad_token_id)
         calibration = [trainer._batch(trainer.batch_indices(i), train)
                        for i in range(max(1, c.calibration_batches))]
-    inject(model, config, name=name, data=calibration)
+    try:
+        inject(model, config, name=name, data=calibration)
+    except (ConfigError, TargetError) as exc:  # say how the command line sets a field
+        raise type(exc)(f"{exc} (on the command line: --set FIELD=VALUE)") from exc
     head = loaded.new_params if c.head == "train" else {}
     for param in head.values():
         param.requires_grad_(True)
