@@ -189,7 +189,8 @@ class Delta(nn.Module):
         """``forward(x, base(x))`` computed in one fused step (``deltatune.kernels``), or
         ``None`` where no fused path applies to this call; the layer then runs the base and
         ``forward``. Called only for classes that set ``fuses_base``, when the delta is the
-        only one active on its layer and the layer is called with ``x`` alone."""
+        only one active on its layer and the layer is called with ``x`` alone. A fused step
+        saves ``x`` as ``forward`` does: inside ``core.recompute.lean_inputs(x)``."""
         return None
 
     def delta_params(self) -> Params:

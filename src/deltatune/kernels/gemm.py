@@ -4,8 +4,8 @@ written once instead of written, read back and written again by a separate ``add
 
 That is LoRA's forward (``x Wᵀ + s (x Aᵀ) Bᵀ``) and its input gradient
 (``g W + s (g B) A``): per layer and step, it saves two passes over an ``(N, out)`` and two over
-an ``(N, in)`` activation, which is most of the memory traffic a rank-16 LoRA adds to its frozen
-layer on a GPU.
+an ``(N, in)`` activation, about half of the memory traffic a rank-16 LoRA adds to its frozen
+layer (``≈ 4N (in + out)`` elements).
 
 ``dual_gemm`` runs the Triton kernel (CUDA; or Triton's interpreter on the CPU, under
 ``TRITON_INTERPRET=1``, which is how the CPU tests check it); ``dual_gemm_reference`` is the

@@ -30,6 +30,7 @@ trains.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import zlib
 from collections.abc import Mapping
@@ -45,6 +46,7 @@ from ..core.delta import Delta, Params
 from ..core.distributed import gathered
 from ..core.errors import AdapterFileError, ConfigError
 from ..core.geometry import LayerInfo, dense_weight
+from ..core.recompute import lean_inputs
 from ..core.registry import register
 from ..core.selection import Selection, each_delta, stack_rows
 from ..kernels.lora import lora_linear
@@ -311,14 +313,14 @@ class LoraDelta(Delta):
         """``W x + b + s B A x`` in fused kernels (``kernels.lora``) where they run: a plain
         ``nn.Linear``, this class's own math (a subclass that changes it is not fused), no
         bias of the delta's, no dropout in this call, the scale a constant."""
-        cls = type(self)
         if (not kernels.runs_on(x) or type(base) is not nn.Linear or self.bias is not None
                 or (self.training and self.dropout) or self._buffers.get("scaling") is not None
-                or any(getattr(cls, n) is not getattr(LoraDelta, n) for n in _FUSED_MATH)):
+                or not _own_math(type(self))):
             return None
         a, b = self.factors()
-        return lora_linear(x, base.weight, base.bias, self.cast(a, x), self.cast(b, x),
-                           self.scale)
+        with lean_inputs(x):  # x saved as a recipe, as the unfused delta saves it
+            return lora_linear(x, base.weight, base.bias, self.cast(a, x), self.cast(b, x),
+                               self.scale)
 
     def effect(self, x: Tensor, y: Tensor) -> Tensor:
         b, h = self._down(x, y)
@@ -417,6 +419,12 @@ class LoraDelta(Delta):
 
 #: The methods whose math ``with_base`` fuses: a subclass overriding one is not fused.
 _FUSED_MATH = ("forward", "factors", "_down", "add_scaled", "with_base")
+
+
+@functools.cache
+def _own_math(cls: type) -> bool:
+    """Whether ``cls`` computes LoRA's own math (overrides none of ``_FUSED_MATH``)."""
+    return all(getattr(cls, n) is getattr(LoraDelta, n) for n in _FUSED_MATH)
 
 
 def lora_rows(index: Tensor, x: Tensor, y: Tensor, a: Tensor, b: Tensor, bias: Tensor | None,
